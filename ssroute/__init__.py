@@ -1,0 +1,16 @@
+"""ssroute: self-supervised routing pretraining for vision mixture-of-experts transformers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Importing torch-heavy modules lazily keeps `import ssroute` cheap for config tools.
+    if name == "build_moe":
+        from ssroute.layers.moe import build_moe
+
+        return build_moe
+    raise AttributeError(f"module 'ssroute' has no attribute {name!r}")

@@ -1,0 +1,157 @@
+"""Typed configs for pretraining and fine-tuning (Hydra structured configs).
+
+Every field has a comment; YAML files under ``configs/`` only set values. The
+dataclasses are registered with Hydra's ConfigStore as the schema of the YAML
+groups, so a misspelt key or a value of the wrong type is refused by Hydra
+before anything runs, and :func:`validate` checks values that depend on each
+other (with one sentence naming the key and the fix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ssroute.errors import ConfigError
+
+
+@dataclass
+class AugmentConfig:
+    """Batched view augmentations (kornia). Geometric ones keep their 3x3 matrices."""
+
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # area range of random resized crops
+    crop_ratio: tuple[float, float] = (0.75, 1.333)  # aspect-ratio range of the crops
+    hflip: float = 0.5  # probability of a horizontal flip (0 for digits and text)
+    rotation: float = 0.0  # maximum rotation in degrees (uniform in [-r, r])
+    color_jitter: float = 0.4  # strength of brightness/contrast (and saturation/hue on RGB); 0 = off
+    color_jitter_p: float = 0.8  # probability of applying colour jitter
+    grayscale: float = 0.2  # probability of converting RGB views to grey (ignored on grey data)
+    blur: float = 0.0  # probability of a gaussian blur
+    noise: float = 0.0  # standard deviation of additive gaussian noise (in [0,1] pixel units)
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # dataset name, one of ssroute.data.DATASETS
+    root: str | None = None  # folder with the data (fashion_mnist/cifar10/stl10/image_folder); None = package default
+    download: bool = False  # let torchvision download cifar10/stl10/fashion_mnist into root
+    test_fraction: float = 0.2  # held-out share for datasets without an official test split (digits, image_folder)
+    image_size: int | None = None  # resize image_folder images to this square size; None = first image's size
+    max_bad_fraction: float = 0.05  # share of unreadable files tolerated in an image folder before erroring
+    train_subset: int | None = None  # keep only this many training images (quick experiments); None = all
+    batch_size: int = 256  # images per step per device
+    num_workers: int = 0  # dataloader worker processes (0 = load in the main process)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit"  # backbone family (only vit for now)
+    dim: int = 64  # token width
+    depth: int = 4  # transformer blocks
+    heads: int = 4  # attention heads per block
+    mlp_ratio: float = 2.0  # FFN hidden width = mlp_ratio * dim
+    patch_size: int = 2  # square patch side in pixels; must divide the image size
+    activation: str = "gelu"  # FFN activation: gelu, relu or silu
+    dropout: float = 0.0  # attention dropout
+
+
+@dataclass
+class SSLConfig:
+    name: str = "simclr"  # SSL objective, one of ssroute.objectives.OBJECTIVES
+    proj_hidden: int = 256  # projection head hidden width
+    proj_dim: int = 128  # projection output width
+    temperature: float = 0.2  # contrastive temperature (simclr) / student temperature (dino)
+    momentum: float = 0.99  # teacher EMA momentum at the start (byol, dino); ramps to 1 by a cosine
+    options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the lightly loss
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate (AdamW), scaled by nothing: what you set is what runs
+    weight_decay: float = 0.05  # AdamW weight decay
+    warmup_epochs: float = 1.0  # linear warmup length, then cosine decay to 0
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10  # training epochs
+    accelerator: str = "auto"  # cpu, gpu or auto
+    devices: Any = 1  # devices per node (int or "auto")
+    num_nodes: int = 1  # nodes for multi-node DDP
+    strategy: str = "auto"  # auto, ddp, ddp_spawn, ...
+    precision: str = "32-true"  # Lightning precision string (bf16-mixed on recent GPUs)
+    checkpoint_every_n_steps: int = 100  # write checkpoints/last.ckpt every this many steps (and at the end)
+    knn_every_n_epochs: int = 1  # online kNN accuracy every this many epochs (0 = off)
+    progress_bar: bool = True  # Lightning's progress bar
+    log_every_n_steps: int = 10  # CSV/TensorBoard logging period
+    limit_train_batches: Any = None  # Lightning's limit (int batches or float share); None = all
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0  # seeds weights, data order and augmentations
+    resume: Any = False  # true: resume the newest unfinished run; a run folder path: resume that run
+    eval_batch_size: int = 512  # batch size for feature extraction in evaluation
+
+
+@dataclass
+class FinetuneConfig:
+    checkpoint: str | None = None  # pretrained run folder or .ckpt file; None = train from scratch
+    mode: str = "full"  # full (all weights train) or linear (frozen backbone, linear head)
+    labels_fraction: float = 1.0  # share of labelled training images used (per class, fixed by seed)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    layer_decay: float = 1.0  # per-block learning-rate decay towards the input (1 = none)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    seed: int = 0  # seeds the head, the label subset and data order
+    resume: Any = False  # as in pretraining
+    eval_batch_size: int = 512  # batch size for evaluation
+
+
+def register_configs() -> None:
+    """Register the schemas so Hydra type-checks the YAML groups against them."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+    cs.store(name="finetune_schema", node=FinetuneConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="ssl", name="ssl_schema", node=SSLConfig)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_common(cfg: Any) -> None:
+    """Checks shared by pretraining and fine-tuning; names and sizes are checked when built."""
+    _check(cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size} must be a positive integer.")
+    _check(0.0 < cfg.data.test_fraction < 1.0, f"data.test_fraction={cfg.data.test_fraction} must be between 0 and 1.")
+    _check(cfg.model.dim > 0 and cfg.model.depth > 0, "model.dim and model.depth must be positive integers.")
+    _check(cfg.model.patch_size > 0, f"model.patch_size={cfg.model.patch_size} must be a positive integer.")
+    _check(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive.")
+    _check(cfg.trainer.max_epochs > 0, f"trainer.max_epochs={cfg.trainer.max_epochs} must be positive.")
+    _check(cfg.trainer.checkpoint_every_n_steps > 0, "trainer.checkpoint_every_n_steps must be a positive integer.")
+    lo, hi = cfg.data.augment.crop_scale
+    _check(0.0 < lo <= hi <= 1.0, f"data.augment.crop_scale={[lo, hi]} must satisfy 0 < low <= high <= 1.")
+
+
+def validate_finetune(cfg: FinetuneConfig) -> None:
+    validate_common(cfg)
+    _check(cfg.mode in ("full", "linear"), f"mode={cfg.mode!r} is not a fine-tuning mode; choose full or linear.")
+    _check(
+        0.0 < cfg.labels_fraction <= 1.0,
+        f"labels_fraction={cfg.labels_fraction} must be in (0, 1], for example 0.01, 0.1 or 1.0.",
+    )
+    _check(cfg.mode == "full" or cfg.checkpoint is not None, "mode=linear needs checkpoint=PATH: a linear probe of random weights measures nothing.")
+

@@ -1,0 +1,36 @@
+"""Datasets by name: ``build_data(cfg.data, seed)`` returns a :class:`DataBundle`.
+
+>>> from ssroute.data import DATASETS
+>>> sorted(DATASETS.names())
+['cifar10', 'digits', 'fashion_mnist', 'image_folder', 'stl10']
+"""
+
+from __future__ import annotations
+
+from ssroute.data.base import UNLABELED, DataBundle, ImageSet, label_subset
+from ssroute.data.digits import load_digits_bundle
+from ssroute.data.fashion_mnist import load_fashion_mnist_bundle
+from ssroute.data.image_folder import load_image_folder_bundle
+from ssroute.data.torchvision_sets import load_cifar10_bundle, load_stl10_bundle
+from ssroute.errors import ConfigError
+from ssroute.registry import Registry
+
+DATASETS: Registry = Registry("dataset")
+DATASETS.register("digits")(load_digits_bundle)
+DATASETS.register("fashion_mnist")(load_fashion_mnist_bundle)
+DATASETS.register("cifar10")(load_cifar10_bundle)
+DATASETS.register("stl10")(load_stl10_bundle)
+DATASETS.register("image_folder")(load_image_folder_bundle)
+
+
+def build_data(cfg, seed: int = 0) -> DataBundle:
+    """Load the dataset ``cfg.name`` with its fixed, seeded splits."""
+    bundle = DATASETS.get(cfg.name)(cfg, seed)
+    if cfg.train_subset:
+        bundle.train = bundle.train.subset(range(min(cfg.train_subset, len(bundle.train))))
+    if len(bundle.train) == 0:
+        raise ConfigError(f"dataset {cfg.name!r} has no training images; check data.root.")
+    return bundle
+
+
+__all__ = ["DATASETS", "UNLABELED", "DataBundle", "ImageSet", "build_data", "label_subset"]

@@ -1,0 +1,43 @@
+"""Multi-head self-attention over the tokens of each image.
+
+Shapes: ``[batch, tokens, dim] -> [batch, tokens, dim]``. Uses PyTorch's fused
+``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
+
+>>> import torch
+>>> attn = Attention(dim=32, heads=4)
+>>> attn(torch.randn(2, 7, 32)).shape
+torch.Size([2, 7, 32])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssroute.errors import ConfigError
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention.
+
+    Args:
+        dim: token width; must be divisible by ``heads``.
+        heads: number of attention heads.
+        dropout: dropout on the attention weights and the output projection.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"model.dim={dim} is not divisible by model.heads={heads}; pick a dim that is a multiple of heads.")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))

@@ -1,0 +1,41 @@
+"""The pre-norm transformer block with a pluggable FFN.
+
+``x + attn(norm(x))`` then ``x + ffn(norm(x))``. The FFN slot takes any module
+``[batch, tokens, dim] -> [batch, tokens, dim]``: the dense :class:`FeedForward`
+or an MoE layer (``ssroute.build_moe``), which is how routing blocks are made.
+
+>>> import torch
+>>> block = TransformerBlock(dim=32, heads=4, ffn=FeedForward(32, 64))
+>>> block(torch.randn(2, 7, 32)).shape
+torch.Size([2, 7, 32])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssroute.layers.attention import Attention
+from ssroute.layers.mlp import FeedForward  # noqa: F401  (re-exported for the doctest)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention block.
+
+    Args:
+        dim: token width.
+        heads: attention heads.
+        ffn: the feed-forward module (dense or MoE) applied after attention.
+        dropout: attention dropout.
+    """
+
+    def __init__(self, dim: int, heads: int, ffn: nn.Module, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))

@@ -1,0 +1,68 @@
+"""Patch embedding with positions computed from continuous patch centres.
+
+Images ``[batch, channels, height, width]`` -> tokens ``[batch, tokens, dim]``
+plus patch centres ``[batch, tokens, 2]`` as (x, y) in pixels. Positions enter
+through a fixed 2-D sine-cosine code of the centre (as in MAE, He et al. 2021),
+so a patch taken anywhere in the image — not only on the grid — gets a valid
+position, and the centres are what view correspondences are computed from.
+
+>>> import torch
+>>> embed = PatchEmbed(channels=1, patch_size=2, dim=32, image_size=8)
+>>> tokens, centres = embed(torch.randn(3, 1, 8, 8))
+>>> tuple(tokens.shape), tuple(centres.shape), centres[0, 0].tolist()
+((3, 16, 32), (3, 16, 2), [0.5, 0.5])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssroute.errors import ConfigError
+
+
+def sincos_position(centres: torch.Tensor, dim: int, scale: float) -> torch.Tensor:
+    """``[..., 2]`` pixel centres -> ``[..., dim]`` sine-cosine codes (half for x, half for y)."""
+    quarter = dim // 4
+    freqs = torch.exp(-torch.arange(quarter, device=centres.device, dtype=torch.float32) * (9.21 / max(quarter, 1)))
+    angles = (centres.float() / scale)[..., None] * freqs * 100.0  # [..., 2, quarter]
+    code = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # [..., 4*quarter]
+    return nn.functional.pad(code, (0, dim - code.shape[-1]))
+
+
+def grid_centres(image_size: int, patch_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[tokens, 2]`` (x, y) pixel centres of the row-major patch grid."""
+    side = torch.arange(image_size // patch_size, device=device, dtype=torch.float32) * patch_size + (patch_size - 1) / 2
+    ys, xs = torch.meshgrid(side, side, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping square patches, a linear projection, and a position code.
+
+    Args:
+        channels: input channels.
+        patch_size: patch side in pixels; must divide ``image_size``.
+        dim: token width.
+        image_size: square image side in pixels.
+    """
+
+    def __init__(self, channels: int, patch_size: int, dim: int, image_size: int) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            divisors = [p for p in range(1, image_size + 1) if image_size % p == 0]
+            raise ConfigError(
+                f"model.patch_size={patch_size} does not divide the image size {image_size}; choose one of {divisors}."
+            )
+        self.patch_size, self.image_size = patch_size, image_size
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.register_buffer("centres", grid_centres(image_size, patch_size), persistent=False)
+        self.register_buffer("position", sincos_position(self.centres, dim, image_size), persistent=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.proj(images).flatten(2).transpose(1, 2) + self.position
+        return tokens, self.centres.expand(images.shape[0], -1, -1)

@@ -1,0 +1,135 @@
+"""``run_finetune(cfg)``: load a pretrained run, check it fits, fine-tune, write metrics.json.
+
+The backbone's architecture comes from the checkpoint's own config; a ``model.*``
+override that contradicts it is an error (not a silent reinterpretation of the
+weights). The data defaults to the checkpoint's dataset; another dataset must
+have the same image size and channels.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ssroute.config import validate_finetune
+from ssroute.data import build_data, label_subset
+from ssroute.errors import ConfigError
+from ssroute.train.finetune_module import FinetuneModule
+from ssroute.train.run import build_trainer, find_resume_dir, quiet_third_party_logs, resumed_config, save_config, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+PRETRAIN_RUNS = Path("runs/pretrain")
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A run folder, a .ckpt file or ``latest`` (newest finished pretraining run) -> the checkpoint file."""
+    if path == "latest":
+        finished = sorted(PRETRAIN_RUNS.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
+        if not finished:
+            raise ConfigError(f"checkpoint=latest found no finished pretraining run under {PRETRAIN_RUNS}; run python -m pretrain first or pass a run folder.")
+        path = str(finished[-1].parent)
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.ckpt"
+    if not p.is_file():
+        raise ConfigError(f"checkpoint={path} is neither a .ckpt file nor a run folder with checkpoints/last.ckpt; pass the folder that pretraining printed.")
+    return p
+
+
+def load_pretrained(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(pretraining config, backbone state dict) of a checkpoint, with clear errors for foreign files."""
+    file = resolve_checkpoint(path)
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ConfigError(f"checkpoint {file} cannot be read ({type(err).__name__}); it is corrupt or not a PyTorch checkpoint.") from None
+    config = checkpoint.get("hyper_parameters", {}).get("config") if isinstance(checkpoint, dict) else None
+    if not config or "model" not in config:
+        raise ConfigError(f"checkpoint {file} was not written by ssroute (no model config inside); pass a checkpoint from python -m pretrain.")
+    state = {k[len("backbone."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
+    return config, state
+
+
+def merge_model_config(cfg: DictConfig, pretrained: dict[str, Any], overrides: list[str]) -> None:
+    """Take the checkpoint's model config; refuse overrides that contradict it."""
+    saved = pretrained["model"]
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key.startswith("model."):
+            field = key.split(".", 1)[1]
+            if field in saved and str(saved[field]) != str(OmegaConf.select(cfg, key)):
+                raise ConfigError(
+                    f"{key}={value} does not match the checkpoint, which was trained with {key}={saved[field]}; drop the override or fine-tune from scratch."
+                )
+    with open_dict(cfg):
+        cfg.model = OmegaConf.merge(cfg.model, saved)
+
+
+def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
+    quiet_third_party_logs()
+    resume_dir = find_resume_dir(cfg.resume, run_dir.parent)
+    if resume_dir is not None:
+        cfg, run_dir = resumed_config(resume_dir, cfg), resume_dir
+    validate_finetune(cfg)
+    backbone_state = None
+    if cfg.checkpoint and resume_dir is None:
+        with open_dict(cfg):
+            cfg.checkpoint = str(resolve_checkpoint(cfg.checkpoint))  # the run folder is recorded, not "latest"
+        pretrained, backbone_state = load_pretrained(cfg.checkpoint)
+        merge_model_config(cfg, pretrained, overrides)
+        if not any(o.lstrip("+").startswith(("data=", "data.name=")) for o in overrides):
+            with open_dict(cfg):
+                cfg.data.name, cfg.data.root = pretrained["data"]["name"], pretrained["data"].get("root")
+    elif cfg.checkpoint:
+        _, backbone_state = load_pretrained(cfg.checkpoint)
+    data = build_data(cfg.data, cfg.seed)
+    if not data.labeled:
+        raise ConfigError(f"data {cfg.data.name} at {cfg.data.root} has no labels (no class subfolders); fine-tuning needs a labelled dataset, e.g. data=image_folder with one subfolder per class.")
+    if backbone_state is not None:
+        _check_data_fits(cfg, data, backbone_state)
+    train_set = data.probe_train
+    if cfg.labels_fraction < 1.0:
+        train_set = train_set.subset(label_subset(train_set.labels, cfg.labels_fraction, cfg.seed))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        module = FinetuneModule(cfg, data, train_set, backbone_state)
+    except RuntimeError as err:  # load_state_dict: missing / unexpected / mis-shaped weights
+        raise ConfigError(f"the checkpoint's weights do not fit the model built from its config ({str(err).splitlines()[0]}); the checkpoint is from an incompatible version.") from None
+    trainer = build_trainer(cfg, run_dir, [], 1)
+    if trainer.is_global_zero:
+        save_config(cfg, run_dir)
+        log.info("fine-tuning (%s) on %d labelled %s images; run folder %s", cfg.mode, len(train_set), data.name, run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(module, ckpt_path=str(ckpt) if resume_dir is not None else None)
+    trainer.save_checkpoint(str(ckpt))
+    trainer.validate(module, verbose=False)
+    metrics = {
+        "test_top1": module.test_top1,
+        "labels_fraction": cfg.labels_fraction,
+        "num_labels": len(train_set),
+        "mode": cfg.mode,
+        "pretrained": bool(cfg.checkpoint),
+        "epochs": trainer.current_epoch,
+        "train_time_s": round(module.train_time_s, 2),
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        log.info("metrics: %s", metrics)
+    return run_dir
+
+
+def _check_data_fits(cfg: DictConfig, data, backbone_state: dict[str, torch.Tensor]) -> None:
+    weight = backbone_state.get("patch_embed.proj.weight")
+    if weight is not None and weight.shape[1] != data.channels:
+        raise ConfigError(
+            f"the checkpoint expects {weight.shape[1]}-channel images but data={cfg.data.name} has {data.channels}; fine-tune on data like the pretraining data."
+        )
+    if data.image_size % cfg.model.patch_size:
+        raise ConfigError(f"data={cfg.data.name} images ({data.image_size}px) are not divisible by the checkpoint's patch size {cfg.model.patch_size}.")

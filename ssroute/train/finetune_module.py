@@ -1,0 +1,99 @@
+"""Supervised fine-tuning of a pretrained backbone as a LightningModule.
+
+``mode=linear`` trains only a linear head on the frozen backbone (run in eval
+mode and without autograd); ``mode=full`` trains everything, optionally with
+layer-wise learning-rate decay. ``labels_fraction`` keeps a per-class share of
+the labelled training images, fixed by seed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ssroute.data import DataBundle, ImageSet
+from ssroute.data.loader import ResumableLoader
+from ssroute.data.views import ViewAugment
+from ssroute.eval.features import eval_loader, gather_unique
+from ssroute.models import build_backbone
+from ssroute.train.base import ResumableModule
+from ssroute.train.optim import build_optimizer
+from ssroute.train.pretrain_module import NonFiniteLossError, aux_losses
+
+
+class FinetuneModule(ResumableModule):
+    """Backbone + linear classification head.
+
+    Args:
+        cfg: the resolved fine-tuning config (its ``model`` is the backbone's config).
+        data: the dataset bundle; must be labelled.
+        train_set: the labelled training images actually used (after ``labels_fraction``).
+        backbone_state: pretrained backbone weights, or None to train from scratch.
+    """
+
+    def __init__(self, cfg: DictConfig, data: DataBundle, train_set: ImageSet, backbone_state: dict[str, torch.Tensor] | None) -> None:
+        super().__init__()
+        self.cfg, self.data, self.train_set = cfg, data, train_set
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.backbone = build_backbone(cfg.model, data.image_size, data.channels)
+        if backbone_state is not None:
+            self.backbone.load_state_dict(backbone_state)
+        # Standardising features before the linear layer (MAE's probe head, He et al. 2021) lets one
+        # learning rate suit features of any scale.
+        self.head = nn.Sequential(nn.BatchNorm1d(self.backbone.dim, affine=False), nn.Linear(self.backbone.dim, data.num_classes))
+        self.augment = ViewAugment(cfg.data.augment, data.channels, data.image_size, data.mean, data.std)
+        self.frozen = cfg.mode == "linear"
+        if self.frozen:
+            self.backbone.requires_grad_(False)
+        self.test_top1: float | None = None
+        self._outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def train_dataloader(self) -> ResumableLoader:
+        batch = min(self.cfg.data.batch_size, len(self.train_set) // self.trainer.world_size)
+        return ResumableLoader(self.train_set, batch, self.cfg.seed, self.global_rank, self.trainer.world_size, num_workers=self.cfg.data.num_workers)
+
+    def val_dataloader(self):
+        return eval_loader(self.data.test, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            self.backbone.eval()
+            with torch.no_grad():
+                return self.backbone(images)
+        return self.backbone(images)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        images, labels, _ = batch
+        view, _ = self.augment.view(images)
+        logits = self.head(self.features(view))
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+        aux = None if self.frozen else aux_losses(self.backbone)
+        total = loss if aux is None else loss + aux
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(f"the loss became {total.item()} at step {self.global_step}; lower optim.lr. The last good checkpoint is kept.")
+        self.log("loss", loss, prog_bar=True)
+        self.log("train_top1", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
+        return total
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        images, labels, index = batch
+        logits = self.head(self.backbone(self.augment.normalize(images)))
+        self._outputs.append((logits.argmax(1), labels, index))
+
+    def on_validation_epoch_end(self) -> None:
+        predicted, labels, index = (torch.cat(parts) for parts in zip(*self._outputs))
+        self._outputs.clear()
+        predicted, labels = gather_unique(self.all_gather, predicted, labels, index=index, world_size=self.trainer.world_size)
+        self.test_top1 = float((predicted == labels).float().mean())
+        self.log("test_top1", self.test_top1, prog_bar=True, rank_zero_only=True)
+
+    def configure_optimizers(self):
+        steps = max(1, len(self.train_set) // self.trainer.world_size // min(self.cfg.data.batch_size, len(self.train_set)))
+        lr_scale = None
+        if self.cfg.mode == "full" and self.cfg.layer_decay < 1.0:
+            depth = len(self.backbone.blocks)
+            lr_scale = {"backbone.patch_embed": self.cfg.layer_decay ** (depth + 1)}
+            lr_scale.update({f"backbone.blocks.{i}.": self.cfg.layer_decay ** (depth - i) for i in range(depth)})
+        return build_optimizer(self, self.cfg.optim, steps, self.cfg.trainer.max_epochs, lr_scale)

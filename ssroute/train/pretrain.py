@@ -1,0 +1,61 @@
+"""``run_pretrain(cfg)``: data -> checks -> Lightning fit -> final evaluation -> metrics.json."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from ssroute.config import validate_common
+from ssroute.data import build_data
+from ssroute.train.pretrain_module import PretrainModule, check_pretrain_config, throughput
+from ssroute.train.run import build_trainer, find_resume_dir, quiet_third_party_logs, resumed_config, save_config, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
+    """Pretrain as ``cfg`` says and return the run folder (which may be a resumed one)."""
+    quiet_third_party_logs()
+    resume_dir = find_resume_dir(cfg.resume, run_dir.parent)
+    if resume_dir is not None:
+        cfg, run_dir = resumed_config(resume_dir, cfg), resume_dir
+        log.info("resuming %s from checkpoints/last.ckpt", run_dir)
+    validate_common(cfg)
+    data = build_data(cfg.data, cfg.seed)
+    check_pretrain_config(cfg, data)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = PretrainModule(cfg, data)
+    trainer = build_trainer(cfg, run_dir, [], cfg.trainer.knn_every_n_epochs or None)
+    if trainer.is_global_zero:
+        save_config(cfg, run_dir)
+        log.info("pretraining %s on %s (%d images, %dx%d, %d channel(s)); run folder %s",
+                 cfg.ssl.name, data.name, len(data.train), data.image_size, data.image_size, data.channels, run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(module, ckpt_path=str(ckpt) if resume_dir is not None else None)
+    trainer.save_checkpoint(str(ckpt))
+    metrics: dict[str, float] = {"epochs": trainer.current_epoch, "steps": trainer.global_step}
+    metrics.update(throughput(module))
+    metrics.update(accounting(module, data))
+    if data.labeled:
+        module.final_eval = True
+        trainer.validate(module, verbose=False)
+        metrics.update(module.final_metrics)
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        log.info("metrics: %s", metrics)
+    return run_dir
+
+
+def accounting(module: PretrainModule, data) -> dict[str, float]:
+    """Parameter and FLOP accounting of the backbone (experts' share once MoE layers are present)."""
+    try:
+        from ssroute.layers.accounting import model_accounting
+    except ImportError:
+        return {"params_total": float(sum(p.numel() for p in module.backbone.parameters()))}
+    return model_accounting(module.backbone, tokens_per_image=module.backbone.patch_embed.num_tokens)
+
+
+__all__ = ["run_pretrain"]

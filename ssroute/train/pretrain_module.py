@@ -1,0 +1,171 @@
+"""Self-supervised pretraining as a LightningModule.
+
+One step: uint8 images -> ``num_views`` augmented views (kornia, on the device)
+-> backbone features -> SSL objective loss (+ auxiliary router losses). Each
+epoch (and at the end) frozen features of the labelled train and test images are
+gathered across ranks for kNN accuracy; the final evaluation adds a linear probe.
+
+Reproducibility comes from :class:`ssroute.train.base.ResumableModule`: a run
+resumed from any checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ssroute.data import DataBundle
+from ssroute.data.loader import ResumableLoader
+from ssroute.data.views import ViewAugment
+from ssroute.errors import ConfigError
+from ssroute.eval.features import eval_loader, gather_unique
+from ssroute.eval.knn import knn_accuracy
+from ssroute.eval.linear import linear_probe_accuracy
+from ssroute.models import build_backbone
+from ssroute.objectives import build_objective
+from ssroute.train.base import ResumableModule
+from ssroute.train.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops and the last good checkpoint is kept."""
+
+
+def aux_losses(model: torch.nn.Module) -> torch.Tensor | None:
+    """Sum of the auxiliary router losses of the model's MoE layers (None when it has none)."""
+    try:
+        from ssroute.layers.moe import collect_aux_loss
+    except ImportError:
+        return None
+    return collect_aux_loss(model)
+
+
+class PretrainModule(ResumableModule):
+    """Backbone + SSL objective + view augmentation, trained without labels.
+
+    Args:
+        cfg: the resolved pretraining config (``configs/pretrain.yaml``).
+        data: the dataset bundle (image size, channels and statistics come from it).
+    """
+
+    def __init__(self, cfg: DictConfig, data: DataBundle) -> None:
+        super().__init__()
+        self.cfg, self.data = cfg, data
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.backbone = build_backbone(cfg.model, data.image_size, data.channels)
+        self.objective = build_objective(cfg.ssl.name, self.backbone, self.backbone.dim, cfg.ssl)
+        self.augment = ViewAugment(cfg.data.augment, data.channels, data.image_size, data.mean, data.std)
+        self.final_metrics: dict[str, float] = {}
+        self.final_eval = False
+        self._eval_outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+
+    # -- data -------------------------------------------------------------------------------
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(
+            self.data.train,
+            batch_size=self.cfg.data.batch_size,
+            seed=self.cfg.seed,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size,
+            num_workers=self.cfg.data.num_workers,
+        )
+
+    def val_dataloader(self) -> list:
+        if not self.data.labeled:
+            return []
+        return [
+            eval_loader(split, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers)
+            for split in (self.data.probe_train, self.data.test)
+        ]
+
+    # -- training ---------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        images = batch[0]
+        views = self.augment(images, num_views=self.objective.num_views)
+        ssl_loss = self.objective(self.backbone, views.images)
+        aux = aux_losses(self.backbone)
+        loss = ssl_loss if aux is None else ssl_loss + aux
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the loss became {loss.item()} at step {self.global_step}; lower optim.lr or check the data. "
+                "The last good checkpoint is kept in checkpoints/last.ckpt."
+            )
+        self.log("loss", ssl_loss, prog_bar=True)
+        if aux is not None:
+            self.log("aux_loss", aux)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def after_optimizer_step(self) -> None:
+        if hasattr(self.objective, "epoch"):
+            self.objective.epoch = self.current_epoch
+        self.objective.on_step_end(self.backbone, self.progress)
+
+    def configure_optimizers(self):
+        steps = len(self.data.train) // self.trainer.world_size // self.cfg.data.batch_size
+        limit = self.cfg.trainer.limit_train_batches
+        if isinstance(limit, int):
+            steps = min(steps, limit)
+        elif isinstance(limit, float):
+            steps = max(1, int(steps * limit))
+        return build_optimizer(self, self.cfg.optim, steps, self.cfg.trainer.max_epochs)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen features ``[batch, dim]`` of uint8 images."""
+        return self.backbone(self.augment.normalize(images))
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels, index = batch
+        self._eval_outputs.setdefault(dataloader_idx, []).append((self.embed(images).float(), labels, index))
+
+    def on_validation_epoch_end(self) -> None:
+        if len(self._eval_outputs) < 2:
+            self._eval_outputs.clear()
+            return
+        splits = []
+        for idx in (0, 1):
+            feats, labels, index = (torch.cat(parts) for parts in zip(*self._eval_outputs[idx]))
+            splits.append(gather_unique(self.all_gather, feats, labels, index=index, world_size=self.trainer.world_size))
+        self._eval_outputs.clear()
+        (train_x, train_y), (test_x, test_y) = splits
+        knn = knn_accuracy(train_x, train_y, test_x, test_y)
+        self.log("knn_top1", knn, prog_bar=True, rank_zero_only=True)
+        if self.final_eval:
+            self.final_metrics["knn_top1"] = knn
+            if self.global_rank == 0:
+                self.final_metrics["linear_top1"] = linear_probe_accuracy(train_x, train_y, test_x, test_y, seed=self.cfg.seed)
+
+
+def check_pretrain_config(cfg: DictConfig, data: DataBundle) -> None:
+    """Cross-checks between the config and the data, before any compute."""
+    if data.image_size % cfg.model.patch_size:
+        divisors = [p for p in range(1, data.image_size + 1) if data.image_size % p == 0]
+        raise ConfigError(
+            f"model.patch_size={cfg.model.patch_size} does not divide the {cfg.data.name} image size {data.image_size}; choose one of {divisors}."
+        )
+    if cfg.model.dim % cfg.model.heads:
+        raise ConfigError(f"model.dim={cfg.model.dim} is not divisible by model.heads={cfg.model.heads}; pick a dim that is a multiple of heads.")
+    per_device = len(data.train) // max(1, _world_size(cfg))
+    if per_device < cfg.data.batch_size:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is larger than the {per_device} training images per device; lower data.batch_size."
+        )
+
+
+def _world_size(cfg: DictConfig) -> int:
+    devices = cfg.trainer.devices
+    return (devices if isinstance(devices, int) else 1) * cfg.trainer.num_nodes
+
+
+def throughput(module: PretrainModule) -> dict[str, float]:
+    time_s = module.train_time_s
+    return {
+        "train_time_s": round(time_s, 2),
+        "images_per_s": round(module.images_seen / time_s, 1) if time_s > 0 else math.nan,
+    }

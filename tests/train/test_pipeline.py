@@ -1,0 +1,85 @@
+"""Pretrain -> fine-tune on digits with a tiny budget, resume after a kill, and the NaN guard."""
+
+import json
+
+import pytest
+import torch
+
+from ssroute.data import build_data
+from ssroute.objectives.simclr import SimCLR
+from ssroute.train.finetune import run_finetune
+from ssroute.train.pretrain import run_pretrain
+from ssroute.train.pretrain_module import NonFiniteLossError, PretrainModule
+
+
+def backbone_state(run_dir):
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith(("backbone.", "objective."))}
+
+
+def test_pretrain_then_finetune_writes_run_folders(tmp_path, pretrain_cfg, finetune_cfg):
+    run = run_pretrain(pretrain_cfg(), tmp_path / "runs" / "pre")
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("knn_top1", "linear_top1", "train_time_s", "images_per_s", "params_total"):
+        assert key in metrics
+    assert 0.1 < metrics["knn_top1"] <= 1.0  # learned something beyond chance (0.1) even in 2 epochs
+    assert (run / "config.yaml").exists() and (run / "logs" / "metrics.csv").exists()
+    counts = torch.bincount(build_data(pretrain_cfg().data, 0).train.labels)
+    expected_labels = sum(max(1, round(0.5 * int(c))) for c in counts)
+    for mode in ("linear", "full"):
+        cfg = finetune_cfg([f"checkpoint={run}", f"mode={mode}", "labels_fraction=0.5"])
+        out = run_finetune(cfg, tmp_path / "runs" / f"ft_{mode}", overrides=[f"checkpoint={run}"])
+        ft = json.loads((out / "metrics.json").read_text())
+        assert ft["labels_fraction"] == 0.5 and ft["num_labels"] == expected_labels and 0.0 <= ft["test_top1"] <= 1.0
+
+
+def test_linear_mode_leaves_the_backbone_untouched(tmp_path, pretrain_cfg, finetune_cfg):
+    run = run_pretrain(pretrain_cfg(["trainer.max_epochs=1", "trainer.knn_every_n_epochs=0"]), tmp_path / "runs" / "pre")
+    out = run_finetune(finetune_cfg([f"checkpoint={run}", "mode=linear"]), tmp_path / "runs" / "ft", overrides=[])
+    before = {k: v for k, v in backbone_state(run).items() if k.startswith("backbone.")}
+    after = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("ssl", ["simclr", "byol"])  # byol: the EMA teacher must resume too
+def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, pretrain_cfg, monkeypatch, ssl):
+    straight = run_pretrain(pretrain_cfg([f"ssl={ssl}"]), tmp_path / "a" / "run")
+
+    original = PretrainModule.on_train_batch_end
+
+    def killed_at_step_8(self, outputs, batch, batch_idx):
+        original(self, outputs, batch, batch_idx)
+        if self.global_step == 8:  # checkpoints were written at steps 3 and 6 (mid-epoch: 11 steps/epoch)
+            raise RuntimeError("simulated kill")
+
+    monkeypatch.setattr(PretrainModule, "on_train_batch_end", killed_at_step_8)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_pretrain(pretrain_cfg([f"ssl={ssl}"]), tmp_path / "b" / "run")
+    monkeypatch.setattr(PretrainModule, "on_train_batch_end", original)
+    assert not (tmp_path / "b" / "run" / "metrics.json").exists()
+    resumed = run_pretrain(pretrain_cfg(["resume=true"]), tmp_path / "b" / "fresh")
+    assert resumed == tmp_path / "b" / "run"
+
+    a, b = backbone_state(straight), backbone_state(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (straight, resumed))
+    assert (ma["knn_top1"], ma["linear_top1"], ma["steps"]) == (mb["knn_top1"], mb["linear_top1"], mb["steps"])
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, pretrain_cfg, monkeypatch):
+    original = SimCLR.forward
+    calls = {"n": 0}
+
+    def poisoned(self, encoder, views):
+        calls["n"] += 1
+        loss = original(self, encoder, views)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(SimCLR, "forward", poisoned)
+    run = tmp_path / "runs" / "nan"
+    with pytest.raises(NonFiniteLossError, match="the loss became nan at step 4"):
+        run_pretrain(pretrain_cfg(), run)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
