@@ -40,6 +40,8 @@ class DataConfig:
     max_bad_fraction: float = 0.05  # share of unreadable files tolerated in an image folder before erroring
     train_subset: int | None = None  # keep only this many training images (quick experiments); None = all
     batch_size: int = 256  # images per step per device
+    epochs: int = 100  # suggested pretraining budget, used when trainer.max_epochs is null
+    finetune_epochs: int = 60  # suggested fine-tuning budget, used when trainer.max_epochs is null
     num_workers: int = 0  # dataloader worker processes (0 = load in the main process)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -51,9 +53,12 @@ class ModelConfig:
     depth: int = 4  # transformer blocks
     heads: int = 4  # attention heads per block
     mlp_ratio: float = 2.0  # FFN hidden width = mlp_ratio * dim
-    patch_size: int = 2  # square patch side in pixels; must divide the image size
+    patch_size: int | None = None  # square patch side in pixels dividing the image size; null = smallest with <= 49 tokens
     activation: str = "gelu"  # FFN activation: gelu, relu or silu
     dropout: float = 0.0  # attention dropout
+    moe_layers: list[int] = field(default_factory=list)  # blocks whose FFN is an MoE layer (e.g. [1, 3]); [] = dense
+    num_experts: int = 8  # experts per MoE layer
+    expert_hidden: int | None = None  # one expert's hidden width; null = the dense FFN's (mlp_ratio * dim)
 
 
 @dataclass
@@ -75,7 +80,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 10  # training epochs
+    max_epochs: int | None = None  # training epochs; null = the dataset's data.epochs
     accelerator: str = "auto"  # cpu, gpu or auto
     devices: Any = 1  # devices per node (int or "auto")
     num_nodes: int = 1  # nodes for multi-node DDP
@@ -92,6 +97,8 @@ class TrainerConfig:
 class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    router: dict[str, Any] = field(default_factory=lambda: {"name": "token_choice"})  # configs/router/*.yaml: name + options
+    experts: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})  # configs/experts/*.yaml: name + options
     ssl: SSLConfig = field(default_factory=SSLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -107,6 +114,8 @@ class FinetuneConfig:
     labels_fraction: float = 1.0  # share of labelled training images used (per class, fixed by seed)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    router: dict[str, Any] = field(default_factory=lambda: {"name": "token_choice"})  # taken from the checkpoint
+    experts: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})  # taken from the checkpoint
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     layer_decay: float = 1.0  # per-block learning-rate decay towards the input (1 = none)
@@ -138,12 +147,25 @@ def validate_common(cfg: Any) -> None:
     _check(cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size} must be a positive integer.")
     _check(0.0 < cfg.data.test_fraction < 1.0, f"data.test_fraction={cfg.data.test_fraction} must be between 0 and 1.")
     _check(cfg.model.dim > 0 and cfg.model.depth > 0, "model.dim and model.depth must be positive integers.")
-    _check(cfg.model.patch_size > 0, f"model.patch_size={cfg.model.patch_size} must be a positive integer.")
+    _check(cfg.model.patch_size is None or cfg.model.patch_size > 0, f"model.patch_size={cfg.model.patch_size} must be a positive integer.")
     _check(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive.")
-    _check(cfg.trainer.max_epochs > 0, f"trainer.max_epochs={cfg.trainer.max_epochs} must be positive.")
+    _check(cfg.trainer.max_epochs is None or cfg.trainer.max_epochs > 0, f"trainer.max_epochs={cfg.trainer.max_epochs} must be positive.")
     _check(cfg.trainer.checkpoint_every_n_steps > 0, "trainer.checkpoint_every_n_steps must be a positive integer.")
     lo, hi = cfg.data.augment.crop_scale
     _check(0.0 < lo <= hi <= 1.0, f"data.augment.crop_scale={[lo, hi]} must satisfy 0 < low <= high <= 1.")
+
+
+def resolve_data_defaults(cfg: Any, image_size: int, finetune: bool = False) -> None:
+    """Fill the values left to the data (patch size, epochs) in place, so config.yaml records them."""
+    if cfg.model.patch_size is None:
+        cfg.model.patch_size = default_patch_size(image_size)
+    if cfg.trainer.max_epochs is None:
+        cfg.trainer.max_epochs = cfg.data.finetune_epochs if finetune else cfg.data.epochs
+
+
+def default_patch_size(image_size: int, max_tokens: int = 49) -> int:
+    """The smallest patch side dividing ``image_size`` that gives at most ``max_tokens`` patches."""
+    return next(p for p in range(1, image_size + 1) if image_size % p == 0 and (image_size // p) ** 2 <= max_tokens)
 
 
 def validate_finetune(cfg: FinetuneConfig) -> None:

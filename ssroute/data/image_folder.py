@@ -90,7 +90,7 @@ def load_image_folder_bundle(cfg, seed: int) -> DataBundle:
         raise ConfigError("data=image_folder needs data.root=PATH, a folder of images or of class subfolders.")
     files, labels, classes, non_images = _scan(root)
     info = [_readable(p) for p in files]
-    bad = [p for p, i in zip(files, info) if i is None]
+    bad = [p for p, i in zip(files, info, strict=True) if i is None]
     if len(bad) > cfg.max_bad_fraction * len(files):
         names = ", ".join(str(p) for p in bad[:5]) + (" ..." if len(bad) > 5 else "")
         raise ConfigError(

@@ -12,9 +12,13 @@ As DINO evaluates (Caron et al. 2021; Wu et al. 2018): cosine similarity to the
 
 from __future__ import annotations
 
-import faiss
+import logging
+
 import numpy as np
 import torch
+
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its instruction-set probing is not news
+import faiss  # noqa: E402
 
 
 def _index(dim: int) -> faiss.Index:

@@ -1,25 +1,53 @@
-"""Backbones built from config."""
+"""Backbones built from config: a ViT whose chosen blocks carry an MoE FFN."""
 
 from __future__ import annotations
 
+from torch import nn
+
 from ssroute.errors import ConfigError
+from ssroute.layers.mlp import FeedForward
 from ssroute.models.vit import ViT
 
 __all__ = ["ViT", "build_backbone"]
 
 
 def build_backbone(cfg, image_size: int, channels: int) -> ViT:
-    """The backbone ``cfg.name`` for images of the given size and channels (read from the data)."""
-    if cfg.name != "vit":
-        raise ConfigError(f"unknown model {cfg.name!r}; choose one of: vit.")
+    """The backbone of run config ``cfg`` (``model``, ``router``, ``experts``) for the data's image size and channels."""
+    model = cfg.model
+    if model.name != "vit":
+        raise ConfigError(f"unknown model {model.name!r}; choose one of: vit.")
+    bad = [i for i in model.moe_layers if not 0 <= i < model.depth]
+    if bad:
+        raise ConfigError(f"model.moe_layers={list(model.moe_layers)} names blocks outside 0..{model.depth - 1}; use block indices below model.depth.")
+    hidden = int(model.mlp_ratio * model.dim)
+    moe_layers = set(model.moe_layers)
+
+    def ffn(layer: int) -> nn.Module:
+        if layer not in moe_layers:
+            return FeedForward(model.dim, hidden, model.activation)
+        from ssroute.layers.moe import build_moe
+
+        router = dict(cfg.router)
+        experts = dict(cfg.experts)
+        return build_moe(
+            dim=model.dim,
+            hidden=model.expert_hidden or hidden,
+            num_experts=model.num_experts,
+            router=router.pop("name"),
+            experts=experts.pop("name"),
+            router_options=router,
+            expert_options=experts,
+        )
+
     return ViT(
         image_size=image_size,
         channels=channels,
-        dim=cfg.dim,
-        depth=cfg.depth,
-        heads=cfg.heads,
-        patch_size=cfg.patch_size,
-        mlp_ratio=cfg.mlp_ratio,
-        activation=cfg.activation,
-        dropout=cfg.dropout,
+        dim=model.dim,
+        depth=model.depth,
+        heads=model.heads,
+        patch_size=model.patch_size,
+        mlp_ratio=model.mlp_ratio,
+        activation=model.activation,
+        dropout=model.dropout,
+        ffn_factory=ffn,
     )

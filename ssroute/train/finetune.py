@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ssroute.config import validate_finetune
+from ssroute.config import resolve_data_defaults, validate_finetune
 from ssroute.data import build_data, label_subset
 from ssroute.errors import ConfigError
 from ssroute.train.finetune_module import FinetuneModule
@@ -57,19 +57,25 @@ def load_pretrained(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     return config, state
 
 
+ARCHITECTURE = ("model", "router", "experts")  # sections that must match the weights
+
+
 def merge_model_config(cfg: DictConfig, pretrained: dict[str, Any], overrides: list[str]) -> None:
-    """Take the checkpoint's model config; refuse overrides that contradict it."""
-    saved = pretrained["model"]
+    """Take the checkpoint's architecture config; refuse overrides that contradict it."""
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if key.startswith("model."):
-            field = key.split(".", 1)[1]
-            if field in saved and str(saved[field]) != str(OmegaConf.select(cfg, key)):
+        section, _, field = key.partition(".")
+        if section in ARCHITECTURE and section in pretrained:
+            saved = pretrained[section].get(field) if field else pretrained[section].get("name")
+            requested = OmegaConf.select(cfg, key if field else f"{section}.name")
+            if saved is not None and str(saved) != str(requested):
                 raise ConfigError(
-                    f"{key}={value} does not match the checkpoint, which was trained with {key}={saved[field]}; drop the override or fine-tune from scratch."
+                    f"{key}={value} does not match the checkpoint, which was trained with {key}={saved}; drop the override or fine-tune from scratch."
                 )
     with open_dict(cfg):
-        cfg.model = OmegaConf.merge(cfg.model, saved)
+        for section in ARCHITECTURE:
+            if section in pretrained:
+                cfg[section] = OmegaConf.create(pretrained[section]) if section != "model" else OmegaConf.merge(cfg.model, pretrained["model"])
 
 
 def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
@@ -90,6 +96,7 @@ def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     elif cfg.checkpoint:
         _, backbone_state = load_pretrained(cfg.checkpoint)
     data = build_data(cfg.data, cfg.seed)
+    resolve_data_defaults(cfg, data.image_size, finetune=True)
     if not data.labeled:
         raise ConfigError(f"data {cfg.data.name} at {cfg.data.root} has no labels (no class subfolders); fine-tuning needs a labelled dataset, e.g. data=image_folder with one subfolder per class.")
     if backbone_state is not None:

@@ -37,7 +37,7 @@ class FinetuneModule(ResumableModule):
         super().__init__()
         self.cfg, self.data, self.train_set = cfg, data, train_set
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
-        self.backbone = build_backbone(cfg.model, data.image_size, data.channels)
+        self.backbone = build_backbone(cfg, data.image_size, data.channels)
         if backbone_state is not None:
             self.backbone.load_state_dict(backbone_state)
         # Standardising features before the linear layer (MAE's probe head, He et al. 2021) lets one
@@ -83,7 +83,7 @@ class FinetuneModule(ResumableModule):
         self._outputs.append((logits.argmax(1), labels, index))
 
     def on_validation_epoch_end(self) -> None:
-        predicted, labels, index = (torch.cat(parts) for parts in zip(*self._outputs))
+        predicted, labels, index = (torch.cat(parts) for parts in zip(*self._outputs, strict=True))
         self._outputs.clear()
         predicted, labels = gather_unique(self.all_gather, predicted, labels, index=index, world_size=self.trainer.world_size)
         self.test_top1 = float((predicted == labels).float().mean())

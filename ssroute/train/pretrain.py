@@ -8,7 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from ssroute.config import validate_common
+from ssroute.config import resolve_data_defaults, validate_common
 from ssroute.data import build_data
 from ssroute.train.pretrain_module import PretrainModule, check_pretrain_config, throughput
 from ssroute.train.run import build_trainer, find_resume_dir, quiet_third_party_logs, resumed_config, save_config, write_json_atomic
@@ -25,20 +25,22 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
         log.info("resuming %s from checkpoints/last.ckpt", run_dir)
     validate_common(cfg)
     data = build_data(cfg.data, cfg.seed)
+    resolve_data_defaults(cfg, data.image_size)
     check_pretrain_config(cfg, data)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PretrainModule(cfg, data)
     trainer = build_trainer(cfg, run_dir, [], cfg.trainer.knn_every_n_epochs or None)
     if trainer.is_global_zero:
         save_config(cfg, run_dir)
-        log.info("pretraining %s on %s (%d images, %dx%d, %d channel(s)); run folder %s",
-                 cfg.ssl.name, data.name, len(data.train), data.image_size, data.image_size, data.channels, run_dir)
+        log.info("pretraining %s on %s (%d images, %dx%d, %d channel(s)) with patch size %d for %d epochs; run folder %s",
+                 cfg.ssl.name, data.name, len(data.train), data.image_size, data.image_size, data.channels,
+                 cfg.model.patch_size, cfg.trainer.max_epochs, run_dir)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     trainer.fit(module, ckpt_path=str(ckpt) if resume_dir is not None else None)
     trainer.save_checkpoint(str(ckpt))
     metrics: dict[str, float] = {"epochs": trainer.current_epoch, "steps": trainer.global_step}
     metrics.update(throughput(module))
-    metrics.update(accounting(module, data))
+    metrics.update(accounting(module))
     if data.labeled:
         module.final_eval = True
         trainer.validate(module, verbose=False)
@@ -49,12 +51,10 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
     return run_dir
 
 
-def accounting(module: PretrainModule, data) -> dict[str, float]:
-    """Parameter and FLOP accounting of the backbone (experts' share once MoE layers are present)."""
-    try:
-        from ssroute.layers.accounting import model_accounting
-    except ImportError:
-        return {"params_total": float(sum(p.numel() for p in module.backbone.parameters()))}
+def accounting(module: PretrainModule) -> dict[str, float]:
+    """Parameters and FLOPs of the backbone, total and active per token, and the experts' shares."""
+    from ssroute.layers.accounting import model_accounting
+
     return model_accounting(module.backbone, tokens_per_image=module.backbone.patch_embed.num_tokens)
 
 

@@ -37,10 +37,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 def aux_losses(model: torch.nn.Module) -> torch.Tensor | None:
-    """Sum of the auxiliary router losses of the model's MoE layers (None when it has none)."""
-    try:
-        from ssroute.layers.moe import collect_aux_loss
-    except ImportError:
+    """Sum of the auxiliary router losses of the model's MoE layers (None for a dense model)."""
+    from ssroute.layers.moe import MoELayer, collect_aux_loss
+
+    if not any(isinstance(m, MoELayer) for m in model.modules()):
         return None
     return collect_aux_loss(model)
 
@@ -57,7 +57,7 @@ class PretrainModule(ResumableModule):
         super().__init__()
         self.cfg, self.data = cfg, data
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
-        self.backbone = build_backbone(cfg.model, data.image_size, data.channels)
+        self.backbone = build_backbone(cfg, data.image_size, data.channels)
         self.objective = build_objective(cfg.ssl.name, self.backbone, self.backbone.dim, cfg.ssl)
         self.augment = ViewAugment(cfg.data.augment, data.channels, data.image_size, data.mean, data.std)
         self.final_metrics: dict[str, float] = {}
@@ -130,7 +130,7 @@ class PretrainModule(ResumableModule):
             return
         splits = []
         for idx in (0, 1):
-            feats, labels, index = (torch.cat(parts) for parts in zip(*self._eval_outputs[idx]))
+            feats, labels, index = (torch.cat(parts) for parts in zip(*self._eval_outputs[idx], strict=True))
             splits.append(gather_unique(self.all_gather, feats, labels, index=index, world_size=self.trainer.world_size))
         self._eval_outputs.clear()
         (train_x, train_y), (test_x, test_y) = splits

@@ -31,8 +31,7 @@ class _DropAdverts(logging.Filter):
 
 
 def quiet_third_party_logs() -> None:
-    """Hide faiss's instruction-set probing and Lightning's product tip; keep everything else."""
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    """Hide Lightning's product tip; keep everything else."""
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
 
 

@@ -34,3 +34,26 @@ def test_positions_distinguish_every_patch():
 def test_ffn_factory_replaces_the_ffn_of_each_block():
     vit = ViT(image_size=8, channels=1, dim=16, depth=3, heads=2, ffn_factory=lambda i: torch.nn.Identity())
     assert all(isinstance(block.ffn, torch.nn.Identity) for block in vit.blocks)
+
+
+def test_backbone_from_config_puts_moe_layers_where_asked():
+    from omegaconf import OmegaConf
+
+    from ssroute.config import PretrainConfig
+    from ssroute.layers.mlp import FeedForward
+    from ssroute.layers.moe import MoELayer, collect_aux_loss
+    from ssroute.models import build_backbone
+
+    cfg = OmegaConf.structured(PretrainConfig())
+    cfg.model.patch_size, cfg.model.moe_layers, cfg.model.num_experts = 2, [1, 3], 4
+    cfg.router = {"name": "token_choice", "k": 2}
+    vit = build_backbone(cfg, image_size=8, channels=1)
+    kinds = [type(block.ffn) for block in vit.blocks]
+    assert kinds == [FeedForward, MoELayer, FeedForward, MoELayer]
+    assert vit.blocks[1].ffn.router.num_experts == 4
+    out = vit(torch.randn(3, 1, 8, 8))
+    out.sum().backward()
+    assert collect_aux_loss(vit).ndim == 0
+    cfg.model.moe_layers = [4]
+    with pytest.raises(ConfigError, match=r"model.moe_layers=\[4\] names blocks outside 0..3"):
+        build_backbone(cfg, image_size=8, channels=1)

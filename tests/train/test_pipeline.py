@@ -33,6 +33,18 @@ def test_pretrain_then_finetune_writes_run_folders(tmp_path, pretrain_cfg, finet
         assert ft["labels_fraction"] == 0.5 and ft["num_labels"] == expected_labels and 0.0 <= ft["test_top1"] <= 1.0
 
 
+def test_routed_backbone_pretrains_and_finetunes_with_its_router_from_the_checkpoint(tmp_path, pretrain_cfg, finetune_cfg):
+    run = run_pretrain(
+        pretrain_cfg(["model.moe_layers=[1]", "model.num_experts=4", "router=expert_choice", "trainer.max_epochs=1"]),
+        tmp_path / "runs" / "pre",
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["params_total"] > metrics["params_active"] and 0 < metrics["expert_param_share"] < 1
+    out = run_finetune(finetune_cfg([f"checkpoint={run}", "mode=linear", "trainer.max_epochs=1"]), tmp_path / "runs" / "ft", overrides=[])
+    saved = (out / "config.yaml").read_text()
+    assert "name: expert_choice" in saved and "moe_layers:\n  - 1" in saved
+
+
 def test_linear_mode_leaves_the_backbone_untouched(tmp_path, pretrain_cfg, finetune_cfg):
     run = run_pretrain(pretrain_cfg(["trainer.max_epochs=1", "trainer.knn_every_n_epochs=0"]), tmp_path / "runs" / "pre")
     out = run_finetune(finetune_cfg([f"checkpoint={run}", "mode=linear"]), tmp_path / "runs" / "ft", overrides=[])
