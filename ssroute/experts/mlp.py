@@ -1,0 +1,78 @@
+"""MLP experts with stacked weights: ``E`` feed-forward networks in one module.
+
+The expert FFN of V-MoE (Riquelme et al. 2021) and Switch (Fedus et al. 2021):
+each expert is the ViT MLP ``dim -> hidden -> ... -> dim``. Weights are stacked
+along a leading expert axis — ``w_in [experts, dim, hidden]``,
+``w_mid [depth-2, experts, hidden, hidden]``, ``w_out [experts, hidden, dim]`` —
+so one expert's block of expert-sorted rows is a plain ``addmm`` and the loop
+runs over experts, never over tokens.
+
+>>> import torch
+>>> bank = MLPExperts(dim=8, hidden=16, num_experts=3)
+>>> bank(torch.randn(5, 8), [2, 0, 3], None).shape
+torch.Size([5, 8])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ssroute.errors import ConfigError
+from ssroute.experts.base import EXPERTS, ExpertBank, ExpertContext
+from ssroute.layers.mlp import build_activation
+
+
+@EXPERTS.register("mlp")
+class MLPExperts(ExpertBank):
+    """``E`` MLP experts.
+
+    Args:
+        dim: token width.
+        hidden: one expert's hidden width.
+        num_experts: number of experts ``E``.
+        depth: linear layers per expert (2 = the ViT MLP).
+        activation: ``gelu``, ``relu`` or ``silu``.
+    """
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, depth: int = 2, activation: str = "gelu") -> None:
+        super().__init__(dim, hidden, num_experts)
+        if depth < 2:
+            raise ConfigError(f"experts mlp: depth={depth} must be at least 2; use depth=2 for the ViT MLP.")
+        self.depth = depth
+        self.act = build_activation(activation)
+        self.w_in, self.b_in = self._stacked(num_experts, dim, hidden)
+        mids = [self._stacked(num_experts, hidden, hidden) for _ in range(depth - 2)]
+        self.w_mid = nn.Parameter(torch.stack([w for w, _ in mids])) if mids else None
+        self.b_mid = nn.Parameter(torch.stack([b for _, b in mids])) if mids else None
+        self.w_out, self.b_out = self._stacked(num_experts, hidden, dim)
+
+    @staticmethod
+    def _stacked(experts: int, fan_in: int, fan_out: int) -> tuple[nn.Parameter, nn.Parameter]:
+        # nn.Linear's default init per expert, so an expert starts like a dense FFN layer.
+        bound = 1.0 / math.sqrt(fan_in)
+        weight = torch.empty(experts, fan_in, fan_out).uniform_(-bound, bound)
+        bias = torch.empty(experts, fan_out).uniform_(-bound, bound)
+        return nn.Parameter(weight), nn.Parameter(bias)
+
+    def flops_per_row(self, tokens_per_image: int) -> float:
+        return 2.0 * (2 * self.dim * self.hidden + (self.depth - 2) * self.hidden * self.hidden)
+
+    def forward(self, x: Tensor, sizes: list[int], context: ExpertContext | None) -> Tensor:
+        # unbind once: its backward stacks the per-expert grads in one allocation,
+        # where indexing w[e] per expert would allocate a full-size zero grad each time.
+        w_in, b_in, w_out, b_out = self.w_in.unbind(0), self.b_in.unbind(0), self.w_out.unbind(0), self.b_out.unbind(0)
+        w_mid = [w.unbind(0) for w in self.w_mid.unbind(0)] if self.w_mid is not None else []
+        b_mid = [b.unbind(0) for b in self.b_mid.unbind(0)] if self.b_mid is not None else []
+        outputs = []
+        for e, rows in enumerate(x.split(sizes)):
+            if rows.shape[0] == 0:
+                outputs.append(rows)
+                continue
+            h = self.act(torch.addmm(b_in[e], rows, w_in[e]))
+            for w, b in zip(w_mid, b_mid, strict=True):
+                h = self.act(torch.addmm(b[e], h, w[e]))
+            outputs.append(torch.addmm(b_out[e], h, w_out[e]))
+        return torch.cat(outputs)

@@ -1,0 +1,63 @@
+"""Parameter and FLOP accounting for models with or without MoE layers.
+
+An MoE model has more parameters than it uses per token. For any
+``nn.Module`` this reports:
+
+- ``params_total``: every parameter; ``params_active``: those one token uses
+  (everything outside MoE layers, plus per MoE layer the router and the
+  experts one token activates: ``k`` of them for top-k, the measured mean for
+  dynamic k, all of them for soft MoE whose slots mix every token);
+- ``flops_per_token``: ``2 x`` multiply-adds per token of linear and
+  convolution layers (a convolution is counted once per token, as in a patch
+  embedding), attention score and value products (``4 * tokens * dim``), and
+  per MoE layer its router plus ``rows_per_token`` expert evaluations
+  (``E * slots / tokens`` for soft MoE). Norms and activations are ignored;
+- ``expert_param_share`` / ``expert_flop_share``: the part of the totals
+  spent in experts (0 for a dense model).
+
+>>> from ssroute.layers.mlp import FeedForward
+>>> model_accounting(FeedForward(8, 32), tokens_per_image=4)["flops_per_token"]
+1024.0
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ssroute.layers.attention import Attention
+from ssroute.layers.moe import MoELayer
+
+
+def _flops(module: nn.Module, tokens_per_image: int, moe: dict[MoELayer, dict[str, float]]) -> float:
+    if isinstance(module, MoELayer):
+        return moe[module]["flops_per_token"]
+    flops = 0.0
+    if isinstance(module, nn.Linear):
+        flops += 2.0 * module.in_features * module.out_features
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        flops += 2.0 * module.weight.numel()
+    elif isinstance(module, Attention):
+        flops += 4.0 * tokens_per_image * module.proj.in_features
+    elif isinstance(module, nn.MultiheadAttention):
+        flops += 2.0 * 3 * module.embed_dim * module.embed_dim + 4.0 * tokens_per_image * module.embed_dim
+    return flops + sum(_flops(child, tokens_per_image, moe) for child in module.children())
+
+
+def model_accounting(model: nn.Module, tokens_per_image: int) -> dict[str, float]:
+    """Total/active parameters, FLOPs per token and the expert shares of ``model``."""
+    moe = {m: m.accounting(tokens_per_image) for m in model.modules() if isinstance(m, MoELayer)}
+    params_total = float(sum(p.numel() for p in model.parameters()))
+    params_inactive = sum(a["params_total"] - a["params_active"] for a in moe.values())
+    params_experts = sum(a["params_experts"] for a in moe.values())
+    flops = _flops(model, tokens_per_image, moe)
+    flops_experts = sum(a["flops_experts_per_token"] for a in moe.values())
+    return {
+        "params_total": params_total,
+        "params_active": params_total - params_inactive,
+        "params_experts": float(params_experts),
+        "flops_per_token": flops,
+        "flops_experts_per_token": float(flops_experts),
+        "expert_param_share": params_experts / params_total if params_total else 0.0,
+        "expert_flop_share": flops_experts / flops if flops else 0.0,
+        "moe_layers": float(len(moe)),
+    }

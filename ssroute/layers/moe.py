@@ -1,0 +1,191 @@
+"""The MoE layer: a drop-in FFN ``[batch, tokens, dim] -> [batch, tokens, dim]``.
+
+It routes the flattened tokens per image (``tokens_per_group = tokens``) and
+executes the :class:`~ssroute.routing.Routing`:
+
+- sparse routings sort the (token, expert) pairs by expert, gather the tokens,
+  run each expert once on its contiguous block, weight the outputs and scatter
+  them back with ``index_add`` — no per-token loop and no ``[tokens, experts,
+  capacity]`` one-hot (that is :func:`dense_reference`, the V-MoE dispatch the
+  tests compare against);
+- soft routings (Soft MoE, Puigcerver et al. 2023) mix tokens into slots with
+  the dispatch weights and slots back into tokens with the combine weights.
+
+A token with no kept assignment gets output 0, so the block's residual carries
+it. After each forward the layer holds ``aux_loss``, ``last_routing`` and
+``last_load`` (rows per expert, ``[experts]``); no host sync is added for them.
+
+>>> import torch
+>>> moe = build_moe(dim=16, hidden=32, num_experts=4, router="token_choice", k=2)
+>>> moe(torch.randn(2, 5, 16)).shape, moe.last_load.shape
+(torch.Size([2, 5, 16]), torch.Size([4]))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ssroute.errors import ConfigError
+from ssroute.experts import EXPERTS, ExpertBank, ExpertContext, build_experts
+from ssroute.routing import ROUTERS, Router, Routing, build_router
+from ssroute.routing.base import option_names
+
+
+class MoELayer(nn.Module):
+    """Router + expert bank.
+
+    Args:
+        router: a :class:`~ssroute.routing.Router`.
+        experts: an :class:`~ssroute.experts.ExpertBank` with as many experts.
+    """
+
+    def __init__(self, router: Router, experts: ExpertBank) -> None:
+        super().__init__()
+        if router.num_experts != experts.num_experts or router.dim != experts.dim:
+            raise ConfigError(
+                f"router has dim={router.dim}, num_experts={router.num_experts} but the experts have "
+                f"dim={experts.dim}, num_experts={experts.num_experts}; build both with the same values."
+            )
+        self.router = router
+        self.experts = experts
+        self.num_experts = experts.num_experts
+        self.aux_loss: Tensor = torch.zeros(())
+        self.last_routing: Routing | None = None
+        self.last_load: Tensor = torch.zeros(self.num_experts, dtype=torch.long)
+
+    def set_k(self, k: int) -> None:
+        """Change experts per token (top-k routers) or the cap ``max_k`` (dynamic k)."""
+        self.router.set_k(k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        flat = x.reshape(batch * tokens, dim)
+        routing = self.router(flat, tokens_per_group=tokens)
+        out = self.execute(flat, routing)
+        self.aux_loss = routing.aux_loss
+        self.last_routing = routing
+        self.last_load = routing.load().detach()
+        return out.view(batch, tokens, dim)
+
+    def execute(self, flat: Tensor, routing: Routing) -> Tensor:
+        """Apply the experts to ``flat [tokens, dim]`` as ``routing`` says."""
+        if routing.is_soft:
+            return self._execute_soft(flat, routing)
+        order = torch.argsort(routing.expert, stable=True)
+        token = routing.token.index_select(0, order)
+        sizes = torch.bincount(routing.expert, minlength=self.num_experts).tolist()  # block sizes must be host ints
+        context = ExpertContext(token, routing.tokens_per_group, routing.num_groups)
+        y = self.experts(flat.index_select(0, token), sizes, context)
+        y = y * routing.weight.index_select(0, order).unsqueeze(1).to(y.dtype)
+        # y's dtype, not flat's: under autocast the experts compute in bfloat16. In place:
+        # the out-of-place index_add would copy the zeros once more.
+        return y.new_zeros(flat.shape[0], y.shape[1]).index_add_(0, token, y)
+
+    def _execute_soft(self, flat: Tensor, routing: Routing) -> Tensor:
+        groups, n, experts, slots = routing.dispatch_weights.shape
+        x = flat.view(groups, n, -1)
+        slot_in = torch.einsum("gnes,gnd->egsd", routing.dispatch_weights, x)
+        slot_image = torch.arange(groups, device=flat.device).repeat_interleave(slots).repeat(experts)
+        context = ExpertContext(None, n, groups, slot_image)
+        y = self.experts(slot_in.reshape(experts * groups * slots, -1), [groups * slots] * experts, context)
+        out = torch.einsum("gnes,egsd->gnd", routing.combine_weights, y.view(experts, groups, slots, -1))
+        return out.reshape(flat.shape)
+
+    def rows_per_token(self, tokens_per_image: int) -> float:
+        """Expert rows computed per token: the router's nominal value, else measured, else ``k``."""
+        nominal = self.router.experts_per_token(tokens_per_image)
+        if nominal is not None:
+            return float(nominal)
+        if self.last_routing is not None:
+            return self.last_routing.token.numel() / self.last_routing.num_tokens
+        return float(getattr(self.router, "k", 1))
+
+    def accounting(self, tokens_per_image: int) -> dict[str, float]:
+        """Parameters and per-token FLOPs of this layer (see ``ssroute.layers.accounting``)."""
+        rows = self.rows_per_token(tokens_per_image)
+        router_params = sum(p.numel() for p in self.router.parameters())
+        expert_params = sum(p.numel() for p in self.experts.parameters())
+        active_experts = self.num_experts if self.router.soft else min(float(self.num_experts), rows)
+        active_expert_params = self.experts.shared_params() + active_experts * self.experts.params_per_expert()
+        expert_flops = rows * self.experts.flops_per_row(tokens_per_image)
+        return {
+            "params_total": float(router_params + expert_params),
+            "params_active": float(router_params + active_expert_params),
+            "params_experts": float(expert_params),
+            "flops_per_token": self.router.flops_per_token(tokens_per_image) + expert_flops,
+            "flops_experts_per_token": expert_flops,
+        }
+
+
+def dense_reference(experts: ExpertBank, flat: Tensor, routing: Routing, capacity: int | None = None) -> Tensor:
+    """The unified formulation ``y = C · E(Dᵀ x)`` with dense ``[tokens, experts, capacity]`` tensors.
+
+    V-MoE's one-hot einsum dispatch; the tests' reference for every router and
+    the benchmark's baseline. Empty buffer slots run through the experts too
+    (their combine weight is 0), as in a dense dispatch.
+    """
+    dispatch, combine = routing.dispatch_combine(capacity)
+    groups, n = routing.num_groups, routing.tokens_per_group
+    experts_, slots = dispatch.shape[1], dispatch.shape[2]
+    dispatch = dispatch.view(groups, n, experts_, slots).to(flat.dtype)
+    combine = combine.view(groups, n, experts_, slots).to(flat.dtype)
+    x = flat.view(groups, n, -1)
+    buffers = torch.einsum("gnec,gnd->egcd", dispatch, x)
+    # the token occupying each slot (any token of the group for empty or soft slots)
+    occupant = dispatch.argmax(dim=1).permute(1, 0, 2) + torch.arange(groups, device=flat.device).view(1, groups, 1) * n
+    context = ExpertContext(occupant.reshape(-1), n, groups)
+    y = experts(buffers.reshape(experts_ * groups * slots, -1), [groups * slots] * experts_, context)
+    out = torch.einsum("gnec,egcd->gnd", combine, y.view(experts_, groups, slots, -1))
+    return out.reshape(flat.shape)
+
+
+def build_moe(
+    dim: int,
+    hidden: int,
+    num_experts: int,
+    router: str = "token_choice",
+    experts: str = "mlp",
+    router_options: dict[str, Any] | None = None,
+    expert_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> MoELayer:
+    """Build an MoE layer; each keyword option goes to the router or the experts, by name.
+
+    ``hidden`` is one expert's hidden width, so ``k=1`` has the active size of
+    a dense FFN of that width. Options valid for both (none today) must be
+    passed in ``router_options`` / ``expert_options``.
+    """
+    router_cls, expert_cls = ROUTERS.get(router), EXPERTS.get(experts)
+    router_keys = set(option_names(router_cls, ("dim", "num_experts")))
+    expert_keys = set(option_names(expert_cls, ("dim", "hidden", "num_experts")))
+    router_opts, expert_opts = dict(router_options or {}), dict(expert_options or {})
+    for key, value in options.items():
+        if key in router_keys and key in expert_keys:
+            raise ConfigError(
+                f"option {key!r} fits both router {router!r} and experts {experts!r}; pass it in router_options or expert_options."
+            )
+        if key in router_keys:
+            router_opts[key] = value
+        elif key in expert_keys:
+            expert_opts[key] = value
+        else:
+            raise ConfigError(
+                f"MoE option {key!r} is valid for neither router {router!r} (options: {', '.join(sorted(router_keys)) or 'none'}) "
+                f"nor experts {experts!r} (options: {', '.join(sorted(expert_keys)) or 'none'}); remove or rename it."
+            )
+    return MoELayer(
+        build_router(router, dim=dim, num_experts=num_experts, **router_opts),
+        build_experts(experts, dim=dim, hidden=hidden, num_experts=num_experts, **expert_opts),
+    )
+
+
+def collect_aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the last forward's ``aux_loss`` over every :class:`MoELayer` in ``model`` (0 if none)."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoELayer)]
+    if not losses:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+    return torch.stack([loss.to(losses[0].device).float() for loss in losses]).sum()

@@ -1,0 +1,239 @@
+"""The routing result as data, the router base class and the router registry.
+
+Routing is data, execution is separate (as google-research/vmoe separates
+routing tensors from dispatchers). A router maps tokens ``[tokens, dim]`` to a
+:class:`Routing`; ``ssroute.layers.moe.MoELayer`` executes it.
+
+A sparse routing keeps its assignments as three 1-D tensors of equal length
+``[pairs]`` — ``token``, ``expert``, ``weight`` — so top-k, expert choice, set
+matching, hashing and dynamic k share one execution path. Soft MoE carries soft
+``dispatch_weights`` / ``combine_weights`` ``[groups, group_tokens, experts,
+slots]`` instead. Either form can produce the dense dispatch and combine tensors
+``[tokens, experts, capacity]`` of the unified formulation of "Routers in Vision
+Mixture of Experts" (Liu et al., arXiv 2401.15969), ``y = C · E(Dᵀ x)``; the
+tests use that as the reference.
+
+Tokens are routed in *groups*: contiguous runs of ``tokens_per_group`` tokens
+(the MoE layer passes tokens per image), so capacity, expert choice, soft slots
+and set matching act per image as in V-MoE.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ssroute.errors import ConfigError
+from ssroute.registry import Registry
+from ssroute.routing.capacity import bucket_positions
+
+
+@dataclass
+class Routing:
+    """What a router decided, for ``T`` tokens and ``E`` experts.
+
+    Attributes:
+        probs: ``[tokens, experts]`` routing distribution, rows sum to 1 (what a
+            routing-consistency loss compares between views).
+        token, expert: ``[pairs]`` long tensors, the kept (token, expert) assignments.
+        weight: ``[pairs]`` float, the combine weight of each kept assignment.
+        aux_loss: scalar auxiliary loss (0 when the router has none).
+        num_dropped: scalar long tensor, tokens with no kept assignment.
+        tokens_per_group: tokens per routing group (per image in the MoE layer).
+        capacity: per-(group, expert) buffer size the router enforced, or None.
+        dispatch_weights, combine_weights: soft routings only,
+            ``[groups, group_tokens, experts, slots]``.
+    """
+
+    probs: Tensor
+    token: Tensor
+    expert: Tensor
+    weight: Tensor
+    aux_loss: Tensor
+    num_dropped: Tensor
+    tokens_per_group: int
+    capacity: int | None = None
+    dispatch_weights: Tensor | None = None
+    combine_weights: Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.probs.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[1]
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_tokens // self.tokens_per_group
+
+    @property
+    def is_soft(self) -> bool:
+        return self.dispatch_weights is not None
+
+    def load(self) -> Tensor:
+        """``[experts]`` rows each expert processes (tokens, or slots for soft routings)."""
+        if self.is_soft:
+            slots = self.dispatch_weights.shape[-1] * self.num_groups
+            return torch.full((self.num_experts,), slots, dtype=torch.long, device=self.probs.device)
+        return torch.bincount(self.expert, minlength=self.num_experts)
+
+    def experts_per_token(self) -> Tensor:
+        """``[tokens]`` number of kept assignments of each token (its k)."""
+        return torch.bincount(self.token, minlength=self.num_tokens)
+
+    def group_loads(self) -> Tensor:
+        """``[groups, experts]`` kept assignments per group and expert."""
+        group = self.token // self.tokens_per_group
+        flat = torch.bincount(group * self.num_experts + self.expert, minlength=self.num_groups * self.num_experts)
+        return flat.view(self.num_groups, self.num_experts)
+
+    def detach(self) -> Routing:
+        return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self) if isinstance(getattr(self, f.name), Tensor)})
+
+    def dispatch_combine(self, capacity: int | None = None) -> tuple[Tensor, Tensor]:
+        """Dense dispatch and combine tensors ``[tokens, experts, capacity]``.
+
+        Slot ``c`` of expert ``e`` for token ``t`` is the ``c``-th buffer row of
+        expert ``e`` *within t's group*; view as ``[groups, group_tokens, experts,
+        capacity]`` to execute per group. Sparse pairs take slots in pair order;
+        pairs beyond ``capacity`` are dropped. ``capacity=None`` uses the
+        router's capacity, or the largest (group, expert) load when it had none.
+        """
+        if self.is_soft:
+            shape = (self.num_tokens, self.num_experts, -1)
+            return self.dispatch_weights.reshape(shape), self.combine_weights.reshape(shape)
+        group = self.token // self.tokens_per_group
+        slot = bucket_positions(group * self.num_experts + self.expert, self.num_groups * self.num_experts)
+        if capacity is None and self.capacity is not None:
+            capacity = self.capacity
+        elif capacity is None:  # no limit: the fullest buffer sets the size (a host sync; reference use only)
+            capacity = int(slot.max().item()) + 1 if slot.numel() else 1
+        keep = slot < capacity
+        shape = (self.num_tokens, self.num_experts, capacity)
+        dispatch = self.weight.new_zeros(shape)
+        combine = self.weight.new_zeros(shape)
+        index = (self.token[keep], self.expert[keep], slot[keep])
+        dispatch = dispatch.index_put(index, torch.ones_like(self.weight[keep]))
+        combine = combine.index_put(index, self.weight[keep])
+        return dispatch, combine
+
+
+def sparse_routing(
+    probs: Tensor,
+    token: Tensor,
+    expert: Tensor,
+    weight: Tensor,
+    tokens_per_group: int,
+    aux_loss: Tensor | None = None,
+    capacity: int | None = None,
+) -> Routing:
+    """Build a sparse :class:`Routing`, counting dropped tokens without a host sync."""
+    covered = torch.bincount(token, minlength=probs.shape[0]) > 0
+    num_dropped = probs.shape[0] - covered.sum()
+    if aux_loss is None:
+        aux_loss = probs.new_zeros(())
+    return Routing(probs, token, expert, weight, aux_loss, num_dropped, tokens_per_group, capacity)
+
+
+class Router(nn.Module):
+    """Base class: ``router(tokens [tokens, dim], tokens_per_group) -> Routing``.
+
+    Class attributes tell later stages how to treat a router: ``learned`` (its
+    ``probs`` come from learned parameters — a consistency loss skips routers
+    without), ``per_token`` (routes tokens, not whole images) and ``soft``.
+
+    Args:
+        dim: token width.
+        num_experts: number of experts ``E``.
+    """
+
+    name: ClassVar[str] = "router"  # the registered name, set by register_router
+    learned: ClassVar[bool] = True
+    per_token: ClassVar[bool] = True
+    soft: ClassVar[bool] = False
+
+    def __init__(self, dim: int, num_experts: int) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ConfigError(f"num_experts={num_experts} must be at least 1; set num_experts to a positive integer.")
+        self.dim = dim
+        self.num_experts = num_experts
+
+    def forward(self, tokens: Tensor, tokens_per_group: int | None = None) -> Routing:
+        raise NotImplementedError
+
+    def group_size(self, tokens: Tensor, tokens_per_group: int | None) -> int:
+        """Validate the input and return the group size (all tokens when None)."""
+        if tokens.dim() != 2 or tokens.shape[1] != self.dim:
+            raise ConfigError(f"router {self.name} expects tokens [tokens, {self.dim}], got {list(tokens.shape)}; flatten to [B*N, dim].")
+        n = tokens.shape[0] if tokens_per_group is None else int(tokens_per_group)
+        if n < 1 or tokens.shape[0] % n:
+            raise ConfigError(f"tokens_per_group={tokens_per_group} does not divide the {tokens.shape[0]} tokens; pass tokens per image.")
+        return n
+
+    # --- k: top-k style routers override; a k schedule calls set_k during training.
+    def set_k(self, k: int) -> None:
+        raise ConfigError(f"router {self.name} has no k to set; use a top-k style router (token_choice, random, top_p, ...).")
+
+    def experts_per_token(self, tokens_per_group: int) -> float | None:
+        """Nominal expert rows computed per token (accounting); None when data-dependent."""
+        return 1.0
+
+    def flops_per_token(self, tokens_per_group: int) -> float:
+        """Multiply-add FLOPs (×2) the routing decision costs per token."""
+        return 2.0 * self.dim * self.num_experts
+
+
+def check_k(router: str, k: int, num_experts: int, key: str = "k") -> int:
+    if not 1 <= k <= num_experts:
+        raise ConfigError(f"router {router}: {key}={k} must be between 1 and num_experts={num_experts}; lower {key} or add experts.")
+    return int(k)
+
+
+def check_capacity_factor(router: str, capacity_factor: float | None) -> float | None:
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ConfigError(
+            f"router {router}: capacity_factor={capacity_factor} must be > 0; use a positive factor, or null for no capacity limit."
+        )
+    return capacity_factor
+
+
+def option_names(constructor: Callable[..., Any], fixed: tuple[str, ...]) -> list[str]:
+    params = inspect.signature(constructor).parameters
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in params.items() if p.kind in kinds and n not in fixed and n != "self"]
+
+
+def check_options(kind: str, name: str, constructor: Callable[..., Any], options: dict[str, Any], fixed: tuple[str, ...]) -> None:
+    """Reject unknown keyword options with one sentence instead of a TypeError."""
+    valid = option_names(constructor, fixed)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"{kind} {name!r} has no option {', '.join(map(repr, unknown))}; valid options: {', '.join(valid) or 'none'}.")
+
+
+ROUTERS: Registry[type[Router]] = Registry("router")
+
+
+def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
+    """Register a router class under ``name`` and record the name on the class."""
+
+    def decorator(cls: type[Router]) -> type[Router]:
+        cls.name = name
+        return ROUTERS.register(name)(cls)
+
+    return decorator
+
+
+def build_router(name: str, dim: int, num_experts: int, **options: Any) -> Router:
+    """Build a registered router by name, e.g. ``build_router("token_choice", dim=64, num_experts=8, k=2)``."""
+    cls = ROUTERS.get(name)
+    check_options("router", name, cls, options, fixed=("dim", "num_experts"))
+    return cls(dim=dim, num_experts=num_experts, **options)

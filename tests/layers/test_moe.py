@@ -1,0 +1,110 @@
+"""The MoE layer: drop-in FFN, sort-and-gather execution, losses and load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ssroute.errors import ConfigError
+from ssroute.layers.block import TransformerBlock
+from ssroute.layers.mlp import FeedForward
+from ssroute.layers.moe import MoELayer, build_moe, collect_aux_loss
+from ssroute.routing import Routing, build_router
+
+
+def test_one_expert_equals_the_dense_ffn() -> None:
+    torch.manual_seed(0)
+    moe = build_moe(dim=8, hidden=32, num_experts=1, router="token_choice", capacity_factor=None)
+    dense = FeedForward(8, 32)
+    with torch.no_grad():
+        moe.experts.w_in[0].copy_(dense.fc1.weight.t())
+        moe.experts.b_in[0].copy_(dense.fc1.bias)
+        moe.experts.w_out[0].copy_(dense.fc2.weight.t())
+        moe.experts.b_out[0].copy_(dense.fc2.bias)
+    x = torch.randn(3, 7, 8)
+    assert torch.allclose(moe(x), dense(x), atol=1e-6)
+
+
+def test_drop_in_for_a_transformer_block() -> None:
+    block = TransformerBlock(dim=16, heads=4, ffn=build_moe(dim=16, hidden=32, num_experts=4, router="expert_choice"))
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    out = block(x)
+    out.sum().backward()
+    assert out.shape == x.shape and x.grad is not None
+
+
+def test_sparse_path_never_builds_dense_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def forbidden(self, capacity=None):
+        raise AssertionError("the MoE layer must not build [tokens, experts, capacity] tensors")
+
+    monkeypatch.setattr(Routing, "dispatch_combine", forbidden)
+    moe = build_moe(dim=8, hidden=16, num_experts=4, router="token_choice", k=2)
+    original = moe.experts.forward
+    moe.experts.forward = lambda x, sizes, context: calls.append((len(sizes), context)) or original(x, sizes, context)
+    moe(torch.randn(2, 5, 8))
+    assert len(calls) == 1 and calls[0][0] == 4  # one bank call, one block per expert
+    context = calls[0][1]
+    routing = moe.last_routing
+    order = torch.argsort(routing.expert, stable=True)
+    assert torch.equal(context.token_index, routing.token[order])
+    assert torch.equal(context.image_index, routing.token[order] // 5)
+
+
+def test_dropped_tokens_output_zero_and_load_is_reported() -> None:
+    moe = build_moe(dim=8, hidden=16, num_experts=4, router="token_choice", capacity_factor=0.25)
+    out = moe(torch.randn(2, 16, 8))
+    routing = moe.last_routing
+    dropped = routing.experts_per_token() == 0
+    assert int(dropped.sum()) == int(routing.num_dropped) > 0
+    assert bool((out.view(-1, 8)[dropped] == 0).all())
+    assert moe.last_load.shape == (4,) and int(moe.last_load.sum()) == routing.token.numel()
+    assert int(moe.last_load.max()) <= 2 * routing.capacity  # 2 images
+
+
+def test_soft_moe_layer_and_load() -> None:
+    moe = build_moe(dim=8, hidden=16, num_experts=4, router="soft_moe", slots_per_expert=2)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    out = moe(x)
+    out.sum().backward()
+    assert out.shape == x.shape and moe.router.slot_embed.grad is not None
+    assert moe.last_load.tolist() == [6, 6, 6, 6]
+
+
+def test_collect_aux_loss_sums_layers() -> None:
+    model = nn.Sequential(
+        build_moe(dim=8, hidden=16, num_experts=4, router="token_choice"),
+        build_moe(dim=8, hidden=16, num_experts=4, router="vq"),
+        nn.Linear(8, 8),
+    )
+    model(torch.randn(2, 6, 8))
+    total = collect_aux_loss(model)
+    assert torch.allclose(total, model[0].aux_loss + model[1].aux_loss)
+    assert float(total.detach()) > 0
+    assert float(collect_aux_loss(nn.Linear(2, 2))) == 0.0
+
+
+def test_options_go_to_router_or_experts_by_name() -> None:
+    moe = build_moe(dim=8, hidden=16, num_experts=4, router="token_choice", k=2, depth=3, activation="relu")
+    assert moe.router.k == 2 and moe.experts.depth == 3
+    with pytest.raises(ConfigError, match=r"'nope' is valid for neither router 'token_choice'.*nor experts 'mlp'"):
+        build_moe(dim=8, hidden=16, num_experts=4, nope=1)
+    with pytest.raises(ConfigError, match="unknown router 'nope'; choose one of:.*token_choice"):
+        build_moe(dim=8, hidden=16, num_experts=4, router="nope")
+    with pytest.raises(ConfigError, match="k=8"):
+        build_moe(dim=8, hidden=16, num_experts=4, k=8)
+
+
+def test_router_and_experts_must_agree() -> None:
+    from ssroute.experts import build_experts
+
+    with pytest.raises(ConfigError, match="num_experts=4 but the experts"):
+        MoELayer(build_router("hash", dim=8, num_experts=4), build_experts("mlp", dim=8, hidden=16, num_experts=3))
+
+
+def test_lazy_entry_point() -> None:
+    import ssroute
+
+    assert isinstance(ssroute.build_moe(dim=8, hidden=16, num_experts=2), MoELayer)
