@@ -45,6 +45,19 @@ class ResumableModule(pl.LightningModule):
     def after_optimizer_step(self) -> None:
         """Per-step updates that must be in the next checkpoint (EMA teachers, schedules)."""
 
+    def log_routing(self, model: torch.nn.Module) -> None:
+        """Per-expert load share and dropped-token share of every MoE block of ``model`` (this step)."""
+        from ssroute.layers.moe import MoELayer
+
+        for name, module in model.named_modules():
+            if isinstance(module, MoELayer) and module.last_routing is not None:
+                block = name.split(".")[1] if name.startswith("blocks.") else name
+                load = module.last_load.float()
+                for expert, share in enumerate(load / load.sum().clamp_min(1)):
+                    self.log(f"block{block}/load_e{expert}", share)
+                routing = module.last_routing
+                self.log(f"block{block}/dropped", routing.num_dropped.float() / routing.num_tokens)
+
     @property
     def progress(self) -> float:
         """Share of training done, 0 -> 1."""

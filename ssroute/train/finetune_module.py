@@ -74,6 +74,9 @@ class FinetuneModule(ResumableModule):
         if not torch.isfinite(total):
             raise NonFiniteLossError(f"the loss became {total.item()} at step {self.global_step}; lower optim.lr. The last good checkpoint is kept.")
         self.log("loss", loss, prog_bar=True)
+        if aux is not None:
+            self.log("aux_loss", aux)
+            self.log_routing(self.backbone)
         self.log("train_top1", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
         return total
 

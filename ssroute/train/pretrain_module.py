@@ -98,6 +98,7 @@ class PretrainModule(ResumableModule):
         self.log("loss", ssl_loss, prog_bar=True)
         if aux is not None:
             self.log("aux_loss", aux)
+            self.log_routing(self.backbone)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 

@@ -40,6 +40,8 @@ def test_routed_backbone_pretrains_and_finetunes_with_its_router_from_the_checkp
     )
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["params_total"] > metrics["params_active"] and 0 < metrics["expert_param_share"] < 1
+    header = (run / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {f"block1/load_e{e}" for e in range(4)} | {"block1/dropped", "aux_loss"} <= set(header)
     out = run_finetune(finetune_cfg([f"checkpoint={run}", "mode=linear", "trainer.max_epochs=1"]), tmp_path / "runs" / "ft", overrides=[])
     saved = (out / "config.yaml").read_text()
     assert "name: expert_choice" in saved and "moe_layers:\n  - 1" in saved
