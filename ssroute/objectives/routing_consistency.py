@@ -1,0 +1,104 @@
+"""Augmentation consistency on routing distributions: corresponding patches go to the same experts.
+
+For each patch of view 1 with a partner in view 2 (``ssroute.data.correspondence``),
+the router's distribution in view 1 is trained to predict a sharpened,
+stop-gradient target made from its partner's distribution in view 2, and the
+other way round — SwAV's swapped prediction (Caron et al. 2020, arXiv 2006.09882)
+applied to routing. Consistency alone is met by sending every patch to one
+expert, so targets are balanced: with ``balance="sinkhorn"`` they are
+Sinkhorn-Knopp projections of the partner distributions onto equal expert
+usage (SwAV's equipartition); with ``balance="entropy"`` the loss adds the
+negative entropy of mean expert usage.
+
+Shapes: ``probs`` ``[batch, tokens, experts]`` per view; partners and masks ``[batch, tokens]``.
+
+>>> import torch
+>>> probs = torch.softmax(torch.randn(2, 4, 3), dim=-1)
+>>> everyone = torch.arange(4).expand(2, 4)
+>>> valid = torch.ones(2, 4, dtype=torch.bool)
+>>> loss = routing_consistency_loss(probs, probs, everyone, valid, everyone, valid)
+>>> loss.ndim
+0
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EPS = 1e-8
+
+
+def sharpen(probs: Tensor, temperature: float) -> Tensor:
+    """``p^(1/T)`` renormalised: lower temperature, more confident targets."""
+    logits = torch.log(probs.clamp_min(EPS)) / temperature
+    return torch.softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def sinkhorn_targets(probs: Tensor, temperature: float, iterations: int = 3) -> Tensor:
+    """``[rows, experts]`` -> targets whose expert marginals are equal (SwAV's Sinkhorn-Knopp)."""
+    q = sharpen(probs.float(), temperature).t()  # [experts, rows]
+    q = q / q.sum()
+    experts, rows = q.shape
+    for _ in range(iterations):
+        q = q / (q.sum(dim=1, keepdim=True) * experts)  # every expert gets 1/E of the mass
+        q = q / (q.sum(dim=0, keepdim=True) * rows)  # every row is a distribution (times 1/rows)
+    return (q * rows).t().to(probs.dtype)
+
+
+def _swapped_cross_entropy(student: Tensor, teacher: Tensor, partner: Tensor, valid: Tensor, temperature: float, balance: str) -> Tensor:
+    """Cross-entropy of ``student`` rows to targets built from their partners in ``teacher``."""
+    partner_probs = torch.gather(teacher, 1, partner.unsqueeze(-1).expand(-1, -1, teacher.shape[-1]))
+    rows_student = student[valid]
+    rows_teacher = partner_probs[valid].detach()
+    if rows_student.shape[0] == 0:
+        return student.sum() * 0.0
+    if balance == "sinkhorn":
+        target = sinkhorn_targets(rows_teacher, temperature)
+    else:
+        target = sharpen(rows_teacher, temperature)
+    return -(target * torch.log(rows_student.clamp_min(EPS))).sum(dim=-1).mean()
+
+
+def usage_entropy(probs: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Entropy of mean expert usage over the (masked) tokens, normalised to [0, 1]."""
+    rows = probs.reshape(-1, probs.shape[-1]) if mask is None else probs[mask]
+    usage = rows.mean(dim=0)
+    entropy = -(usage * torch.log(usage.clamp_min(EPS))).sum()
+    return entropy / torch.log(torch.tensor(float(probs.shape[-1])))
+
+
+def routing_consistency_loss(
+    probs1: Tensor,
+    probs2: Tensor,
+    partner12: Tensor,
+    valid12: Tensor,
+    partner21: Tensor,
+    valid21: Tensor,
+    temperature: float = 0.1,
+    balance: str = "sinkhorn",
+    entropy_weight: float = 1.0,
+) -> Tensor:
+    """Symmetric swapped-prediction loss between the routings of two views.
+
+    Args:
+        probs1: ``[batch, tokens, experts]`` routing distribution of view 1.
+        probs2: ``[batch, tokens, experts]`` routing distribution of view 2.
+        partner12: ``[batch, tokens]`` view-2 partner of each view-1 token; ``valid12`` its mask.
+        partner21: ``[batch, tokens]`` view-1 partner of each view-2 token; ``valid21`` its mask.
+        temperature: target sharpening temperature.
+        balance: ``sinkhorn`` (balanced targets), ``entropy`` (minus usage entropy added) or ``none``.
+        entropy_weight: weight of the usage-entropy term when ``balance="entropy"``.
+    """
+    if balance not in ("sinkhorn", "entropy", "none"):
+        from ssroute.errors import ConfigError
+
+        raise ConfigError(f"routing consistency balance={balance!r} is unknown; choose sinkhorn, entropy or none.")
+    loss = 0.5 * (
+        _swapped_cross_entropy(probs1, probs2, partner12, valid12, temperature, balance)
+        + _swapped_cross_entropy(probs2, probs1, partner21, valid21, temperature, balance)
+    )
+    if balance == "entropy":
+        loss = loss - entropy_weight * 0.5 * (usage_entropy(probs1, valid12) + usage_entropy(probs2, valid21))
+    return loss

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from ssroute.errors import ConfigError
+from ssroute.objectives.routing_consistency import routing_consistency_loss, sinkhorn_targets, usage_entropy
+
+B, N, E = 4, 16, 4
+
+
+def identity_match():
+    partner = torch.arange(N).expand(B, N)
+    return partner, torch.ones(B, N, dtype=torch.bool)
+
+
+def loss(p1, p2, **kwargs):
+    partner, valid = identity_match()
+    return float(routing_consistency_loss(p1, p2, partner, valid, partner, valid, **kwargs))
+
+
+def balanced_routing(confidence=0.9):
+    """Token t -> expert t mod E with the given confidence: balanced usage."""
+    p = torch.full((B, N, E), (1 - confidence) / (E - 1))
+    p[:, torch.arange(N), torch.arange(N) % E] = confidence
+    return p
+
+
+@pytest.mark.parametrize("balance", ["sinkhorn", "entropy", "none"])
+def test_loss_is_smallest_when_views_agree_and_grows_with_disagreement(balance):
+    p = balanced_routing()
+    swapped = p.roll(1, dims=-1)  # every token moves to the next expert in view 2
+    values = [loss(p, (1 - a) * p + a * swapped, balance=balance) for a in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert all(b > a for a, b in zip(values, values[1:], strict=False)), values
+
+
+@pytest.mark.parametrize("balance", ["sinkhorn", "entropy"])
+def test_balance_makes_all_to_one_routing_worse_than_balanced_consistent_routing(balance):
+    all_to_one = torch.full((B, N, E), 0.02 / (E - 1))
+    all_to_one[..., 0] = 0.98
+    assert loss(all_to_one, all_to_one, balance=balance) > loss(balanced_routing(), balanced_routing(), balance=balance) + 0.5
+
+
+def test_without_balance_collapse_looks_fine_which_is_why_balance_exists():
+    all_to_one = torch.full((B, N, E), 0.02 / (E - 1))
+    all_to_one[..., 0] = 0.98
+    assert loss(all_to_one, all_to_one, balance="none") < loss(balanced_routing(), balanced_routing(), balance="none") + 0.05
+
+
+def test_sinkhorn_targets_have_equal_expert_marginals():
+    probs = torch.softmax(torch.randn(64, E) * 3, dim=-1)
+    targets = sinkhorn_targets(probs, temperature=0.5, iterations=50)
+    assert torch.allclose(targets.sum(dim=1), torch.ones(64), atol=1e-4)
+    assert torch.allclose(targets.sum(dim=0), torch.full((E,), 64 / E), atol=1e-3)
+
+
+def test_gradients_flow_to_both_views_and_invalid_tokens_are_ignored():
+    logits1 = torch.randn(B, N, E, requires_grad=True)
+    logits2 = torch.randn(B, N, E, requires_grad=True)
+    partner, valid = identity_match()
+    valid = valid.clone()
+    valid[:, :4] = False
+    out = routing_consistency_loss(logits1.softmax(-1), logits2.softmax(-1), partner, valid, partner, valid)
+    out.backward()
+    assert logits1.grad[:, 4:].abs().sum() > 0 and logits2.grad[:, 4:].abs().sum() > 0
+    assert logits1.grad[:, :4].abs().sum() == 0  # masked tokens get no gradient
+
+
+def test_usage_entropy_is_normalised():
+    assert float(usage_entropy(balanced_routing(1.0))) == pytest.approx(1.0)
+    one_hot = torch.zeros(B, N, E)
+    one_hot[..., 2] = 1
+    assert float(usage_entropy(one_hot)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unknown_balance_is_a_clear_error():
+    with pytest.raises(ConfigError, match="balance='max' is unknown; choose sinkhorn, entropy or none"):
+        loss(balanced_routing(), balanced_routing(), balance="max")
