@@ -72,6 +72,16 @@ class SSLConfig:
 
 
 @dataclass
+class ConsistencyConfig:
+    """Augmentation consistency of routing (ssroute/objectives/routing_consistency.py)."""
+
+    weight: float = 1.0  # weight of the routing-consistency loss (MoE models only); 0 = off
+    temperature: float = 0.1  # sharpening temperature of the targets made from the partner view
+    balance: str = "sinkhorn"  # sinkhorn (balanced targets), entropy (usage-entropy bonus) or none
+    entropy_weight: float = 1.0  # weight of the usage-entropy bonus when balance=entropy
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate (AdamW), scaled by nothing: what you set is what runs
     weight_decay: float = 0.05  # AdamW weight decay
@@ -100,6 +110,7 @@ class PretrainConfig:
     router: dict[str, Any] = field(default_factory=lambda: {"name": "token_choice"})  # configs/router/*.yaml: name + options
     experts: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})  # configs/experts/*.yaml: name + options
     ssl: SSLConfig = field(default_factory=SSLConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0  # seeds weights, data order and augmentations
@@ -166,6 +177,14 @@ def resolve_data_defaults(cfg: Any, image_size: int, finetune: bool = False) -> 
 def default_patch_size(image_size: int, max_tokens: int = 49) -> int:
     """The smallest patch side dividing ``image_size`` that gives at most ``max_tokens`` patches."""
     return next(p for p in range(1, image_size + 1) if image_size % p == 0 and (image_size // p) ** 2 <= max_tokens)
+
+
+def validate_pretrain(cfg: PretrainConfig) -> None:
+    validate_common(cfg)
+    c = cfg.consistency
+    _check(c.weight >= 0, f"consistency.weight={c.weight} must be >= 0 (0 turns the routing-consistency loss off).")
+    _check(c.temperature > 0, f"consistency.temperature={c.temperature} must be positive.")
+    _check(c.balance in ("sinkhorn", "entropy", "none"), f"consistency.balance={c.balance!r} is unknown; choose sinkhorn, entropy or none.")
 
 
 def validate_finetune(cfg: FinetuneConfig) -> None:

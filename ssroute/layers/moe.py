@@ -23,6 +23,8 @@ it. After each forward the layer holds ``aux_loss``, ``last_routing`` and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -55,6 +57,7 @@ class MoELayer(nn.Module):
         self.aux_loss: Tensor = torch.zeros(())
         self.last_routing: Routing | None = None
         self.last_load: Tensor = torch.zeros(self.num_experts, dtype=torch.long)
+        self.recorded: list[Routing] | None = None  # every forward's routing while recording (see record_routing)
 
     def set_k(self, k: int) -> None:
         """Change experts per token (top-k routers) or the cap ``max_k`` (dynamic k)."""
@@ -68,6 +71,8 @@ class MoELayer(nn.Module):
         self.aux_loss = routing.aux_loss
         self.last_routing = routing
         self.last_load = routing.load().detach()
+        if self.recorded is not None:
+            self.recorded.append(routing)
         return out.view(batch, tokens, dim)
 
     def execute(self, flat: Tensor, routing: Routing) -> Tensor:
@@ -180,6 +185,24 @@ def build_moe(
         build_router(router, dim=dim, num_experts=num_experts, **router_opts),
         build_experts(experts, dim=dim, hidden=hidden, num_experts=num_experts, **expert_opts),
     )
+
+
+@contextmanager
+def record_routing(model: nn.Module) -> Iterator[dict[str, list[Routing]]]:
+    """Collect the routing of every forward of every MoE layer in ``model``, by module name.
+
+    An SSL objective runs the encoder once per view, so inside this context
+    ``recorded[name][v]`` is layer ``name``'s routing of view ``v`` (with autograd,
+    for a consistency loss on ``probs``).
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+    for layer in layers.values():
+        layer.recorded = []
+    try:
+        yield {name: layer.recorded for name, layer in layers.items()}
+    finally:
+        for layer in layers.values():
+            layer.recorded = None
 
 
 def collect_aux_loss(model: nn.Module) -> Tensor:

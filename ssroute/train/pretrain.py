@@ -8,7 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from ssroute.config import resolve_data_defaults, validate_common
+from ssroute.config import resolve_data_defaults, validate_pretrain
 from ssroute.data import build_data
 from ssroute.train.pretrain_module import PretrainModule, check_pretrain_config, throughput
 from ssroute.train.run import build_trainer, find_resume_dir, quiet_third_party_logs, resumed_config, save_config, write_json_atomic
@@ -23,7 +23,7 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
     if resume_dir is not None:
         cfg, run_dir = resumed_config(resume_dir, cfg), resume_dir
         log.info("resuming %s from checkpoints/last.ckpt", run_dir)
-    validate_common(cfg)
+    validate_pretrain(cfg)
     data = build_data(cfg.data, cfg.seed)
     resolve_data_defaults(cfg, data.image_size)
     check_pretrain_config(cfg, data)

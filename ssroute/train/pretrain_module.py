@@ -24,10 +24,13 @@ from ssroute.errors import ConfigError
 from ssroute.eval.features import eval_loader, gather_unique
 from ssroute.eval.knn import knn_accuracy
 from ssroute.eval.linear import linear_probe_accuracy
+from ssroute.eval.routing_stability import RoutingStabilityMeter
+from ssroute.layers.moe import MoELayer, record_routing
 from ssroute.models import build_backbone
 from ssroute.objectives import build_objective
 from ssroute.train.base import ResumableModule
 from ssroute.train.optim import build_optimizer
+from ssroute.train.routing import consistency_loss, consistent_layers, measure_stability, view_matches
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ class NonFiniteLossError(RuntimeError):
 
 def aux_losses(model: torch.nn.Module) -> torch.Tensor | None:
     """Sum of the auxiliary router losses of the model's MoE layers (None for a dense model)."""
-    from ssroute.layers.moe import MoELayer, collect_aux_loss
+    from ssroute.layers.moe import collect_aux_loss
 
     if not any(isinstance(m, MoELayer) for m in model.modules()):
         return None
@@ -63,6 +66,9 @@ class PretrainModule(ResumableModule):
         self.final_metrics: dict[str, float] = {}
         self.final_eval = False
         self._eval_outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        self.has_moe = any(isinstance(m, MoELayer) for m in self.backbone.modules())
+        self.consistent = consistent_layers(self.backbone) if self.has_moe and cfg.consistency.weight > 0 else []
+        self._stability = RoutingStabilityMeter(cfg.model.num_experts)
 
     # -- data -------------------------------------------------------------------------------
     def train_dataloader(self) -> ResumableLoader:
@@ -87,9 +93,16 @@ class PretrainModule(ResumableModule):
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images = batch[0]
         views = self.augment(images, num_views=self.objective.num_views)
-        ssl_loss = self.objective(self.backbone, views.images)
+        with record_routing(self.backbone) as recorded:
+            ssl_loss = self.objective(self.backbone, views.images)
         aux = aux_losses(self.backbone)
         loss = ssl_loss if aux is None else ssl_loss + aux
+        if self.consistent:
+            matches = view_matches(self.backbone.patch_embed, views.matrices[0], views.matrices[1])
+            consistency = consistency_loss(recorded, self.consistent, matches, images.shape[0], self.cfg.consistency)
+            if consistency is not None:
+                loss = loss + self.cfg.consistency.weight * consistency
+                self.log("routing_consistency", consistency, prog_bar=True)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the loss became {loss.item()} at step {self.global_step}; lower optim.lr or check the data. "
@@ -124,8 +137,25 @@ class PretrainModule(ResumableModule):
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels, index = batch
         self._eval_outputs.setdefault(dataloader_idx, []).append((self.embed(images).float(), labels, index))
+        if self.has_moe and dataloader_idx == 1:
+            # routing stability on the held-out images under the training augmentations, fixed pairs per batch
+            torch.manual_seed(self.cfg.seed * 7_368_787 + batch_idx * 31 + self.global_rank)
+            views = self.augment(images, num_views=2)
+            with record_routing(self.backbone) as recorded:
+                for view in views.images:
+                    self.backbone(view)
+            matches = view_matches(self.backbone.patch_embed, views.matrices[0], views.matrices[1])
+            measure_stability(self._stability, recorded, matches, images.shape[0])
 
     def on_validation_epoch_end(self) -> None:
+        if self._stability.counts:
+            self._stability.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+            stats = self._stability.compute()
+            self._stability = RoutingStabilityMeter(self.cfg.model.num_experts)
+            for key, value in stats.items():
+                self.log(key, value, prog_bar=key in ("routing_agreement", "routing_agreement_chance"), rank_zero_only=True)
+            if self.final_eval:
+                self.final_metrics.update(stats)
         if len(self._eval_outputs) < 2:
             self._eval_outputs.clear()
             return

@@ -41,10 +41,23 @@ def test_routed_backbone_pretrains_and_finetunes_with_its_router_from_the_checkp
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["params_total"] > metrics["params_active"] and 0 < metrics["expert_param_share"] < 1
     header = (run / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {f"block1/load_e{e}" for e in range(4)} | {"block1/dropped", "aux_loss"} <= set(header)
+    assert {f"block1/load_e{e}" for e in range(4)} | {"block1/dropped", "aux_loss", "routing_consistency"} <= set(header)
+    for key in ("routing_agreement", "routing_agreement_chance", "expert_usage_entropy", "dead_experts", "block1/routing_agreement"):
+        assert key in metrics
+    assert 0.0 <= metrics["routing_agreement_chance"] <= 1.0 and 0.0 <= metrics["expert_usage_entropy"] <= 1.0
     out = run_finetune(finetune_cfg([f"checkpoint={run}", "mode=linear", "trainer.max_epochs=1"]), tmp_path / "runs" / "ft", overrides=[])
     saved = (out / "config.yaml").read_text()
     assert "name: expert_choice" in saved and "moe_layers:\n  - 1" in saved
+
+
+def test_consistency_weight_zero_turns_the_loss_off(tmp_path, pretrain_cfg):
+    run = run_pretrain(
+        pretrain_cfg(["model.moe_layers=[1]", "model.num_experts=4", "consistency.weight=0", "trainer.max_epochs=1"]),
+        tmp_path / "runs" / "pre",
+    )
+    header = (run / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "routing_consistency" not in header and "aux_loss" in header
+    assert "routing_agreement" in json.loads((run / "metrics.json").read_text())
 
 
 def test_linear_mode_leaves_the_backbone_untouched(tmp_path, pretrain_cfg, finetune_cfg):

@@ -1,0 +1,77 @@
+"""Routing terms of a pretraining step: consistency loss over views and stability measurement.
+
+Glue between the pieces: the views' matrices give patch correspondences
+(``ssroute.data.correspondence``), the MoE layers' recorded routings give the
+distributions (``ssroute.layers.moe.record_routing``), and the pure loss and
+meter do the rest (``ssroute.objectives.routing_consistency``,
+``ssroute.eval.routing_stability``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from ssroute.data.correspondence import Correspondence, grid_correspondence
+from ssroute.eval.routing_stability import RoutingStabilityMeter
+from ssroute.layers.moe import MoELayer
+from ssroute.layers.patch_embed import PatchEmbed
+from ssroute.objectives.routing_consistency import routing_consistency_loss
+from ssroute.routing import Routing
+
+log = logging.getLogger(__name__)
+
+
+def view_matches(patch_embed: PatchEmbed, matrix1: Tensor, matrix2: Tensor) -> tuple[Correspondence, Correspondence]:
+    """Grid correspondences view 1 -> view 2 and view 2 -> view 1 for a batch."""
+    centres = patch_embed.centres.expand(matrix1.shape[0], -1, -1)
+    size, patch = patch_embed.image_size, patch_embed.patch_size
+    return (
+        grid_correspondence(centres, matrix1, matrix2, size, patch),
+        grid_correspondence(centres, matrix2, matrix1, size, patch),
+    )
+
+
+def per_image(routing: Routing, batch: int) -> Tensor:
+    """``probs [batch * tokens, experts] -> [batch, tokens, experts]``."""
+    return routing.probs.view(batch, -1, routing.probs.shape[-1])
+
+
+def consistent_layers(model: nn.Module) -> list[str]:
+    """Names of MoE layers whose routers learn a distribution (hash and random ones are skipped)."""
+    names, skipped = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            (names if module.router.learned and module.router.per_token else skipped).append(name)
+    if skipped:
+        log.info("routing consistency skips %s: their routers have no learned distribution", ", ".join(skipped))
+    return names
+
+
+def consistency_loss(
+    recorded: dict[str, list[Routing]], layers: list[str], matches: tuple[Correspondence, Correspondence], batch: int, cfg
+) -> Tensor | None:
+    """Mean swapped-prediction loss over ``layers`` between the first two recorded views."""
+    m12, m21 = matches
+    losses = [
+        routing_consistency_loss(
+            per_image(recorded[name][0], batch), per_image(recorded[name][1], batch),
+            m12.partner, m12.valid, m21.partner, m21.valid,
+            temperature=cfg.temperature, balance=cfg.balance, entropy_weight=cfg.entropy_weight,
+        )
+        for name in layers
+        if len(recorded.get(name, [])) >= 2
+    ]
+    return torch.stack(losses).mean() if losses else None
+
+
+@torch.no_grad()
+def measure_stability(meter: RoutingStabilityMeter, recorded: dict[str, list[Routing]], matches: tuple[Correspondence, Correspondence], batch: int) -> None:
+    """Add one pair of views to ``meter`` for every recorded MoE layer."""
+    m12, _ = matches
+    for name, routings in recorded.items():
+        if len(routings) >= 2:
+            load = routings[0].load() + routings[1].load()
+            meter.update(name, per_image(routings[0], batch), per_image(routings[1], batch), m12.partner, m12.valid, load)
