@@ -59,6 +59,7 @@ class ModelConfig:
     moe_layers: list[int] = field(default_factory=list)  # blocks whose FFN is an MoE layer (e.g. [1, 3]); [] = dense
     num_experts: int = 8  # experts per MoE layer
     expert_hidden: int | None = None  # one expert's hidden width; null = the dense FFN's (mlp_ratio * dim)
+    moe_k: list[int] = field(default_factory=list)  # k of each MoE layer, aligned with moe_layers; [] = the router's k
 
 
 @dataclass
@@ -111,6 +112,7 @@ class PretrainConfig:
     experts: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})  # configs/experts/*.yaml: name + options
     ssl: SSLConfig = field(default_factory=SSLConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    k_schedule: dict[str, Any] = field(default_factory=dict)  # e.g. {name: linear, start: 4, end: 1, steps: 1000}; {} = fixed k
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0  # seeds weights, data order and augmentations
@@ -185,6 +187,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     _check(c.weight >= 0, f"consistency.weight={c.weight} must be >= 0 (0 turns the routing-consistency loss off).")
     _check(c.temperature > 0, f"consistency.temperature={c.temperature} must be positive.")
     _check(c.balance in ("sinkhorn", "entropy", "none"), f"consistency.balance={c.balance!r} is unknown; choose sinkhorn, entropy or none.")
+    _check(not (cfg.k_schedule and cfg.model.moe_k), "k_schedule and model.moe_k both set k; use model.moe_k for fixed k per layer or k_schedule for k over training.")
 
 
 def validate_finetune(cfg: FinetuneConfig) -> None:

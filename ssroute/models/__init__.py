@@ -19,8 +19,11 @@ def build_backbone(cfg, image_size: int, channels: int) -> ViT:
     bad = [i for i in model.moe_layers if not 0 <= i < model.depth]
     if bad:
         raise ConfigError(f"model.moe_layers={list(model.moe_layers)} names blocks outside 0..{model.depth - 1}; use block indices below model.depth.")
+    if model.moe_k and len(model.moe_k) != len(model.moe_layers):
+        raise ConfigError(f"model.moe_k={list(model.moe_k)} must give one k per entry of model.moe_layers={list(model.moe_layers)}.")
     hidden = int(model.mlp_ratio * model.dim)
     moe_layers = set(model.moe_layers)
+    layer_k = dict(zip(model.moe_layers, model.moe_k, strict=False))
 
     def ffn(layer: int) -> nn.Module:
         if layer not in moe_layers:
@@ -29,6 +32,8 @@ def build_backbone(cfg, image_size: int, channels: int) -> ViT:
 
         router = dict(cfg.router)
         experts = dict(cfg.experts)
+        if layer in layer_k:
+            router["k"] = layer_k[layer]
         return build_moe(
             dim=model.dim,
             hidden=model.expert_hidden or hidden,

@@ -68,6 +68,15 @@ class ViT(nn.Module):
             x = block(x)
         return x
 
+    def block_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``[batch, tokens, dim]`` after each block, in order (for per-block analysis)."""
+        x, _ = self.patch_embed(images)
+        outputs = []
+        for block in self.blocks:
+            x = block(x)
+            outputs.append(x)
+        return outputs
+
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm and mean over tokens: ``[batch, tokens, dim] -> [batch, dim]``."""
         return self.norm(tokens).mean(dim=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +22,7 @@ from ssroute.data import DataBundle
 from ssroute.data.loader import ResumableLoader
 from ssroute.data.views import ViewAugment
 from ssroute.errors import ConfigError
+from ssroute.eval.cka import linear_cka
 from ssroute.eval.features import eval_loader, gather_unique
 from ssroute.eval.knn import knn_accuracy
 from ssroute.eval.linear import linear_probe_accuracy
@@ -69,6 +71,8 @@ class PretrainModule(ResumableModule):
         self.has_moe = any(isinstance(m, MoELayer) for m in self.backbone.modules())
         self.consistent = consistent_layers(self.backbone) if self.has_moe and cfg.consistency.weight > 0 else []
         self._stability = RoutingStabilityMeter(cfg.model.num_experts)
+        self.k_schedule = build_schedule(cfg.k_schedule, self.backbone)
+        self._block_features: list[list[torch.Tensor]] = []
 
     # -- data -------------------------------------------------------------------------------
     def train_dataloader(self) -> ResumableLoader:
@@ -90,6 +94,17 @@ class PretrainModule(ResumableModule):
         ]
 
     # -- training ---------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self.k_schedule is not None:
+            k = self.k_schedule(self.global_step)  # a pure function of the step: resumes keep it
+            for layer in self.moe_layers():
+                layer.set_k(k)
+            self.log("k", float(k), prog_bar=True)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.backbone.modules() if isinstance(m, MoELayer)]
+
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images = batch[0]
         views = self.augment(images, num_views=self.objective.num_views)
@@ -137,6 +152,9 @@ class PretrainModule(ResumableModule):
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels, index = batch
         self._eval_outputs.setdefault(dataloader_idx, []).append((self.embed(images).float(), labels, index))
+        if self.final_eval and dataloader_idx == 1:
+            # mean-pooled output of every block, for CKA between consecutive blocks
+            self._block_features.append([out.mean(dim=1).float() for out in self.backbone.block_outputs(self.augment.normalize(images))])
         if self.has_moe and dataloader_idx == 1:
             # routing stability on the held-out images under the training augmentations, fixed pairs per batch
             torch.manual_seed(self.cfg.seed * 7_368_787 + batch_idx * 31 + self.global_rank)
@@ -156,6 +174,11 @@ class PretrainModule(ResumableModule):
                 self.log(key, value, prog_bar=key in ("routing_agreement", "routing_agreement_chance"), rank_zero_only=True)
             if self.final_eval:
                 self.final_metrics.update(stats)
+        if self._block_features:
+            per_block = [torch.cat(parts) for parts in zip(*self._block_features, strict=True)]
+            self._block_features.clear()
+            for i in range(len(per_block) - 1):  # this rank's share of the test set: CKA is a statistic, no gather needed
+                self.final_metrics[f"cka/block{i}_block{i + 1}"] = linear_cka(per_block[i], per_block[i + 1])
         if len(self._eval_outputs) < 2:
             self._eval_outputs.clear()
             return
@@ -171,6 +194,27 @@ class PretrainModule(ResumableModule):
             self.final_metrics["knn_top1"] = knn
             if self.global_rank == 0:
                 self.final_metrics["linear_top1"] = linear_probe_accuracy(train_x, train_y, test_x, test_y, seed=self.cfg.seed)
+
+
+def build_schedule(cfg: DictConfig, backbone: torch.nn.Module):
+    """The k schedule of ``cfg`` (None when k is fixed), checked against every MoE layer before training."""
+    if not cfg:
+        return None
+    from ssroute.routing.k_schedule import build_k_schedule
+
+    options = dict(cfg)
+    name = options.pop("name", None)
+    if name is None:
+        raise ConfigError("k_schedule needs a name: constant, linear or random (for example k_schedule={name: linear, start: 4, end: 1, steps: 1000}).")
+    schedule = build_k_schedule(name, **options)
+    layers = [m for m in backbone.modules() if isinstance(m, MoELayer)]
+    if not layers:
+        raise ConfigError("k_schedule is set but the model has no MoE layer; set model.moe_layers or drop k_schedule.")
+    largest = max(int(v) for k, v in options.items() if k in ("k", "start", "end", "high"))
+    for layer in layers:
+        layer.set_k(largest)  # raises the router's own sentence when k does not fit it
+        layer.set_k(schedule(0))
+    return schedule
 
 
 def check_pretrain_config(cfg: DictConfig, data: DataBundle) -> None:

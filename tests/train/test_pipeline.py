@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ssroute.data import build_data
+from ssroute.errors import ConfigError
 from ssroute.objectives.simclr import SimCLR
 from ssroute.train.finetune import run_finetune
 from ssroute.train.pretrain import run_pretrain
@@ -45,6 +46,7 @@ def test_routed_backbone_pretrains_and_finetunes_with_its_router_from_the_checkp
     for key in ("routing_agreement", "routing_agreement_chance", "expert_usage_entropy", "dead_experts", "block1/routing_agreement"):
         assert key in metrics
     assert 0.0 <= metrics["routing_agreement_chance"] <= 1.0 and 0.0 <= metrics["expert_usage_entropy"] <= 1.0
+    assert 0.0 < metrics["cka/block0_block1"] <= 1.0 + 1e-9
     out = run_finetune(finetune_cfg([f"checkpoint={run}", "mode=linear", "trainer.max_epochs=1"]), tmp_path / "runs" / "ft", overrides=[])
     saved = (out / "config.yaml").read_text()
     assert "name: expert_choice" in saved and "moe_layers:\n  - 1" in saved
@@ -58,6 +60,22 @@ def test_consistency_weight_zero_turns_the_loss_off(tmp_path, pretrain_cfg):
     header = (run / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "routing_consistency" not in header and "aux_loss" in header
     assert "routing_agreement" in json.loads((run / "metrics.json").read_text())
+
+
+def test_k_schedule_sets_k_each_step_and_bad_schedules_are_refused(tmp_path, pretrain_cfg):
+    run = run_pretrain(
+        pretrain_cfg(["model.moe_layers=[1]", "model.num_experts=4", "+k_schedule={name: linear, start: 3, end: 1, steps: 10}",
+                      "trainer.max_epochs=1", "trainer.log_every_n_steps=1"]),
+        tmp_path / "runs" / "k",
+    )
+    rows = (run / "logs" / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("k")
+    ks = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    assert ks[0] == 3.0 and ks[-1] == 1.0 and ks == sorted(ks, reverse=True)
+    with pytest.raises(ConfigError, match="k=5 must be between 1 and num_experts=4"):
+        run_pretrain(pretrain_cfg(["model.moe_layers=[1]", "model.num_experts=4", "+k_schedule={name: linear, start: 5, end: 1, steps: 10}"]), tmp_path / "runs" / "bad")
+    with pytest.raises(ConfigError, match="router expert_choice has no k to set"):
+        run_pretrain(pretrain_cfg(["model.moe_layers=[1]", "router=expert_choice", "+k_schedule={name: constant, k: 1}"]), tmp_path / "runs" / "bad2")
 
 
 def test_linear_mode_leaves_the_backbone_untouched(tmp_path, pretrain_cfg, finetune_cfg):
