@@ -60,6 +60,8 @@ class ModelConfig:
     num_experts: int = 8  # experts per MoE layer
     expert_hidden: int | None = None  # one expert's hidden width; null = the dense FFN's (mlp_ratio * dim)
     moe_k: list[int] = field(default_factory=list)  # k of each MoE layer, aligned with moe_layers; [] = the router's k
+    stack: list[str] = field(default_factory=list)  # e.g. [ssl, route, ssl]: sets depth and moe_layers; [] = use them
+    ssl_layers: int = 1  # dense transformer blocks in each ssl block of the stack
 
 
 @dataclass
@@ -80,6 +82,15 @@ class ConsistencyConfig:
     temperature: float = 0.1  # sharpening temperature of the targets made from the partner view
     balance: str = "sinkhorn"  # sinkhorn (balanced targets), entropy (usage-entropy bonus) or none
     entropy_weight: float = 1.0  # weight of the usage-entropy bonus when balance=entropy
+
+
+@dataclass
+class ScheduleConfig:
+    """How the stages of the stack train (ssroute/train/schedule.py)."""
+
+    name: str = "end_to_end"  # end_to_end, layerwise or layerwise_then_joint
+    epochs_per_block: int | None = None  # layerwise epochs per stage; null = trainer.max_epochs split evenly
+    joint_epochs: int = 1  # epochs of joint training after the layerwise phases (layerwise_then_joint)
 
 
 @dataclass
@@ -112,6 +123,7 @@ class PretrainConfig:
     experts: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})  # configs/experts/*.yaml: name + options
     ssl: SSLConfig = field(default_factory=SSLConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     k_schedule: dict[str, Any] = field(default_factory=dict)  # e.g. {name: linear, start: 4, end: 1, steps: 1000}; {} = fixed k
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -12,6 +12,7 @@ from ssroute.config import resolve_data_defaults, validate_pretrain
 from ssroute.data import build_data
 from ssroute.train.pretrain_module import PretrainModule, check_pretrain_config, throughput
 from ssroute.train.run import build_trainer, find_resume_dir, quiet_third_party_logs, resumed_config, save_config, write_json_atomic
+from ssroute.train.schedule import resolve_stack
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
     validate_pretrain(cfg)
     data = build_data(cfg.data, cfg.seed)
     resolve_data_defaults(cfg, data.image_size)
+    resolve_stack(cfg)
     check_pretrain_config(cfg, data)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PretrainModule(cfg, data)

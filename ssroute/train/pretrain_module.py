@@ -33,6 +33,7 @@ from ssroute.objectives import build_objective
 from ssroute.train.base import ResumableModule
 from ssroute.train.optim import build_optimizer
 from ssroute.train.routing import consistency_loss, consistent_layers, measure_stability, view_matches
+from ssroute.train.schedule import SchedulePlan, StageEncoder, freeze_stages, stage_ranges
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,15 @@ class PretrainModule(ResumableModule):
         self.cfg, self.data = cfg, data
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.backbone = build_backbone(cfg, data.image_size, data.channels)
-        self.objective = build_objective(cfg.ssl.name, self.backbone, self.backbone.dim, cfg.ssl)
+        self.stages = stage_ranges(cfg.model)
+        self.plan = SchedulePlan(cfg.schedule.name, len(self.stages), cfg.schedule.epochs_per_block or cfg.trainer.max_epochs, cfg.schedule.joint_epochs)
+        if self.plan.name == "end_to_end":
+            self.objective = build_objective(cfg.ssl.name, self.backbone, self.backbone.dim, cfg.ssl)
+            self._encoders: list[torch.nn.Module] = [self.backbone]
+        else:  # one local SSL head per stage; stage encoders share the backbone (kept out of the state dict)
+            self._encoders = [StageEncoder(self.backbone, self.stages, stage) for stage in range(len(self.stages))]
+            self.stage_objectives = torch.nn.ModuleList(build_objective(cfg.ssl.name, e, self.backbone.dim, cfg.ssl) for e in self._encoders)
+        self._phase: int | str | None = None
         self.augment = ViewAugment(cfg.data.augment, data.channels, data.image_size, data.mean, data.std)
         self.final_metrics: dict[str, float] = {}
         self.final_eval = False
@@ -94,8 +103,26 @@ class PretrainModule(ResumableModule):
         ]
 
     # -- training ---------------------------------------------------------------------------
+    def current(self) -> tuple[int | str, torch.nn.Module, torch.nn.Module]:
+        """(phase, encoder, objective) of the current epoch."""
+        if self.plan.name == "end_to_end":
+            return "joint", self.backbone, self.objective
+        phase = self.plan.phase(self.current_epoch)
+        stage = len(self.stages) - 1 if phase == "joint" else phase
+        encoder = self._encoders[stage]
+        encoder.first = 0 if phase == "joint" else phase
+        return phase, encoder, self.stage_objectives[stage]
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
+        phase, encoder, _ = self.current()
+        if self.plan.name != "end_to_end":
+            # every batch: Lightning puts the whole model back in train mode after validation
+            freeze_stages(self.backbone, self.stages, encoder.first)
+            self.log("stage", float(-1 if phase == "joint" else phase), prog_bar=True)
+        if phase != self._phase:
+            log.info("schedule %s: %s", self.plan.name, "all stages jointly" if phase == "joint" else f"stage {phase} of {len(self.stages)} on frozen stages below")
+            self._phase = phase
         if self.k_schedule is not None:
             k = self.k_schedule(self.global_step)  # a pure function of the step: resumes keep it
             for layer in self.moe_layers():
@@ -107,14 +134,17 @@ class PretrainModule(ResumableModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images = batch[0]
-        views = self.augment(images, num_views=self.objective.num_views)
+        _, encoder, objective = self.current()
+        views = self.augment(images, num_views=objective.num_views)
         with record_routing(self.backbone) as recorded:
-            ssl_loss = self.objective(self.backbone, views.images)
+            ssl_loss = objective(encoder, views.images)
         aux = aux_losses(self.backbone)
         loss = ssl_loss if aux is None else ssl_loss + aux
         if self.consistent:
             matches = view_matches(self.backbone.patch_embed, views.matrices[0], views.matrices[1])
-            consistency = consistency_loss(recorded, self.consistent, matches, images.shape[0], self.cfg.consistency)
+            first_trainable = self.stages[getattr(encoder, "first", 0)][0]
+            trainable = [name for name in self.consistent if int(name.split(".")[1]) >= first_trainable]
+            consistency = consistency_loss(recorded, trainable, matches, images.shape[0], self.cfg.consistency)
             if consistency is not None:
                 loss = loss + self.cfg.consistency.weight * consistency
                 self.log("routing_consistency", consistency, prog_bar=True)
@@ -131,9 +161,10 @@ class PretrainModule(ResumableModule):
         return loss
 
     def after_optimizer_step(self) -> None:
-        if hasattr(self.objective, "epoch"):
-            self.objective.epoch = self.current_epoch
-        self.objective.on_step_end(self.backbone, self.progress)
+        _, encoder, objective = self.current()
+        if hasattr(objective, "epoch"):
+            objective.epoch = self.current_epoch
+        objective.on_step_end(encoder, self.progress)
 
     def configure_optimizers(self):
         steps = len(self.data.train) // self.trainer.world_size // self.cfg.data.batch_size
@@ -142,7 +173,8 @@ class PretrainModule(ResumableModule):
             steps = min(steps, limit)
         elif isinstance(limit, float):
             steps = max(1, int(steps * limit))
-        return build_optimizer(self, self.cfg.optim, steps, self.cfg.trainer.max_epochs)
+        phases = None if self.plan.name == "end_to_end" else self.plan.phase_bounds
+        return build_optimizer(self, self.cfg.optim, steps, self.cfg.trainer.max_epochs, phase_bounds=phases)
 
     # -- evaluation -------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:

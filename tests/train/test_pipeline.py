@@ -15,7 +15,7 @@ from ssroute.train.pretrain_module import NonFiniteLossError, PretrainModule
 
 def backbone_state(run_dir):
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith(("backbone.", "objective."))}
+    return {k: v for k, v in state.items() if k.startswith(("backbone.", "objective.", "stage_objectives."))}
 
 
 def test_pretrain_then_finetune_writes_run_folders(tmp_path, pretrain_cfg, finetune_cfg):
@@ -86,23 +86,30 @@ def test_linear_mode_leaves_the_backbone_untouched(tmp_path, pretrain_cfg, finet
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("ssl", ["simclr", "byol"])  # byol: the EMA teacher must resume too
-def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, pretrain_cfg, monkeypatch, ssl):
-    straight = run_pretrain(pretrain_cfg([f"ssl={ssl}"]), tmp_path / "a" / "run")
+@pytest.mark.parametrize(
+    "overrides,kill_step",
+    [
+        (["ssl=simclr"], 8),
+        (["ssl=byol"], 8),  # the EMA teacher must resume too
+        (["model.stack=[ssl,route,ssl]", "schedule=layerwise", "trainer.max_epochs=3"], 14),  # killed inside stage 1
+    ],
+)
+def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, pretrain_cfg, monkeypatch, overrides, kill_step):
+    straight = run_pretrain(pretrain_cfg(overrides), tmp_path / "a" / "run")
 
     original = PretrainModule.on_train_batch_end
 
-    def killed_at_step_8(self, outputs, batch, batch_idx):
+    def killed(self, outputs, batch, batch_idx):
         original(self, outputs, batch, batch_idx)
-        if self.global_step == 8:  # checkpoints were written at steps 3 and 6 (mid-epoch: 11 steps/epoch)
+        if self.global_step == kill_step:  # checkpoints every 3 steps, 11 steps per epoch: the last one is mid-epoch
             raise RuntimeError("simulated kill")
 
-    monkeypatch.setattr(PretrainModule, "on_train_batch_end", killed_at_step_8)
+    monkeypatch.setattr(PretrainModule, "on_train_batch_end", killed)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        run_pretrain(pretrain_cfg([f"ssl={ssl}"]), tmp_path / "b" / "run")
+        run_pretrain(pretrain_cfg(overrides), tmp_path / "b" / "run")
     monkeypatch.setattr(PretrainModule, "on_train_batch_end", original)
     assert not (tmp_path / "b" / "run" / "metrics.json").exists()
-    resumed = run_pretrain(pretrain_cfg(["resume=true"]), tmp_path / "b" / "fresh")
+    resumed = run_pretrain(pretrain_cfg([*overrides, "resume=true"]), tmp_path / "b" / "fresh")
     assert resumed == tmp_path / "b" / "run"
 
     a, b = backbone_state(straight), backbone_state(resumed)

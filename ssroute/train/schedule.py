@@ -1,0 +1,134 @@
+"""Training schedules over a stack of blocks: layerwise, end to end, or layerwise then joint.
+
+A stack ``[ssl, route, ssl]`` is a list of *stages*; each stage is a run of
+transformer blocks (``ssroute.models.stack``). ``layerwise`` trains stage 1 on
+images with its own SSL head, then stage 2 on the frozen outputs of stage 1,
+and so on, ``epochs_per_block`` epochs each — the notes' "SS layers are trained
+sequentially: first on images, then on the outputs of the first SS layer" (and
+blockwise self-supervised training, Siddiqui et al. 2023). Frozen stages run in
+eval mode without autograd. ``end_to_end`` trains all stages with one head at the
+top; ``layerwise_then_joint`` adds ``joint_epochs`` of that after the layerwise
+phases. The phase is a function of the epoch, so a resumed run is in the right one.
+
+>>> plan = SchedulePlan("layerwise_then_joint", stages=3, epochs_per_block=2, joint_epochs=1)
+>>> [plan.phase(e) for e in range(7)], plan.total_epochs
+([0, 0, 1, 1, 2, 2, 'joint'], 7)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ssroute.errors import ConfigError
+
+SCHEDULES = ("end_to_end", "layerwise", "layerwise_then_joint")
+
+
+@dataclass(frozen=True)
+class SchedulePlan:
+    """Which stage trains in which epoch."""
+
+    name: str
+    stages: int
+    epochs_per_block: int
+    joint_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ConfigError(f"schedule.name={self.name!r} is unknown; choose one of: {', '.join(SCHEDULES)}.")
+
+    @property
+    def total_epochs(self) -> int:
+        if self.name == "end_to_end":
+            return self.epochs_per_block
+        return self.stages * self.epochs_per_block + (self.joint_epochs if self.name == "layerwise_then_joint" else 0)
+
+    def phase(self, epoch: int) -> int | str:
+        """The stage index trained in ``epoch``, or ``"joint"`` when all stages train together."""
+        if self.name == "end_to_end" or epoch >= self.stages * self.epochs_per_block:
+            return "joint"
+        return epoch // self.epochs_per_block
+
+    def phase_bounds(self, epoch: int) -> tuple[int, int]:
+        """First epoch and number of epochs of the phase containing ``epoch`` (for per-phase LR schedules)."""
+        phase = self.phase(epoch)
+        if phase == "joint":
+            start = 0 if self.name == "end_to_end" else self.stages * self.epochs_per_block
+            return start, self.total_epochs - start
+        return phase * self.epochs_per_block, self.epochs_per_block
+
+
+class StageEncoder(nn.Module):
+    """Images -> pooled features through stages ``0..last``; stages before ``first`` are frozen.
+
+    Args:
+        backbone: the ViT whose blocks form the stages.
+        stages: ``(start, end)`` block ranges, one per stage.
+        last: the stage whose output is pooled.
+    """
+
+    def __init__(self, backbone: nn.Module, stages: list[tuple[int, int]], last: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.stages = stages
+        self.last = last
+        self.first = 0  # first trainable stage; set by the schedule
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        split = self.stages[self.first][0]  # index of the first block that trains
+        if split > 0:
+            with torch.no_grad():  # frozen prefix: no graph, no activations kept for backward
+                x, _ = self.backbone.patch_embed(images)
+                for block in self.backbone.blocks[:split]:
+                    x = block(x)
+        else:
+            x, _ = self.backbone.patch_embed(images)
+        for block in self.backbone.blocks[split : self.stages[self.last][1]]:
+            x = block(x)
+        return self.backbone.pool(x)
+
+
+def stage_ranges(model) -> list[tuple[int, int]]:
+    """``(start, end)`` block ranges of the stack's stages; without a stack, every block is a stage."""
+    if not model.stack:
+        return [(i, i + 1) for i in range(model.depth)]
+    ranges, start = [], 0
+    for kind in model.stack:
+        size = model.ssl_layers if kind == "ssl" else 1
+        ranges.append((start, start + size))
+        start += size
+    return ranges
+
+
+def resolve_stack(cfg) -> None:
+    """Turn ``model.stack`` into ``model.depth`` / ``model.moe_layers`` and the schedule into epochs, in place."""
+    model = cfg.model
+    if model.stack:
+        unknown = [kind for kind in model.stack if kind not in ("ssl", "route")]
+        if unknown:
+            raise ConfigError(f"model.stack={list(model.stack)} has unknown block kinds {unknown}; use ssl and route.")
+        ranges = stage_ranges(model)
+        routed = [start for (start, _), kind in zip(ranges, model.stack, strict=True) if kind == "route"]
+        if model.moe_layers and list(model.moe_layers) != routed:
+            raise ConfigError(f"model.moe_layers={list(model.moe_layers)} contradicts model.stack={list(model.stack)}; set only model.stack.")
+        model.depth, model.moe_layers = ranges[-1][1], routed
+    stages = len(stage_ranges(model))
+    total = cfg.trainer.max_epochs
+    per_block = cfg.schedule.epochs_per_block or max(1, total // (stages if cfg.schedule.name != "end_to_end" else 1))
+    plan = SchedulePlan(cfg.schedule.name, stages, per_block if cfg.schedule.name != "end_to_end" else total, cfg.schedule.joint_epochs)
+    cfg.schedule.epochs_per_block = plan.epochs_per_block
+    cfg.trainer.max_epochs = plan.total_epochs
+
+
+def freeze_stages(backbone: nn.Module, stages: list[tuple[int, int]], first_trainable: int) -> None:
+    """Stages before ``first_trainable`` (and the patch embedding with them) stop learning and run in eval mode."""
+    frozen_blocks = stages[first_trainable][0]
+    backbone.patch_embed.requires_grad_(first_trainable == 0)
+    backbone.patch_embed.train(first_trainable == 0)
+    for index, block in enumerate(backbone.blocks):
+        trainable = index >= frozen_blocks
+        block.requires_grad_(trainable)
+        block.train(trainable)
