@@ -11,14 +11,17 @@ through:
 - ``expert_loop``: the token-choice routing executed by a Python loop over
   experts that masks, gathers and scatters per expert;
 
-and the routing decision alone (router forward + backward in training, and
-forward without gradients in eval = inference). Measurements are interleaved
+the routing decision alone (router forward + backward in training, and
+forward without gradients in eval = inference), and each expert type
+(``ssroute.experts.EXPERTS``) behind the same token-choice router: one training
+step and one inference forward (eval, no gradients). Measurements are interleaved
 round-robin (every repeat times every case once) and the median is reported,
 so a load change on a shared machine hits all cases alike. The load average is
 recorded with the results.
 
     python benchmarks/moe_layer.py            # default: 256 x 49 tokens, D=128, hidden 512, E=8
     python benchmarks/moe_layer.py --quick    # small smoke run
+    python benchmarks/moe_layer.py --only experts   # re-time the expert types only, keep the rest of the results
 
 Writes ``benchmarks/results/moe_layer.json`` and ``benchmarks/results/moe_layer.md``.
 """
@@ -40,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ssroute.experts import EXPERTS  # noqa: E402
 from ssroute.layers.mlp import FeedForward  # noqa: E402
 from ssroute.layers.moe import build_moe, dense_reference  # noqa: E402
 from ssroute.routing import ROUTERS  # noqa: E402
@@ -108,6 +112,71 @@ def _router_cases(args, device: torch.device) -> dict[str, Callable[[], None]]:
         cases[f"train/{name}"] = train_step
         cases[f"infer/{name}"] = infer
     return cases
+
+
+EXPERT_VARIANTS = {
+    "mlp(depth=3)": ("mlp", {"depth": 3}),
+    "lut(key=hash)": ("lut", {"key": "hash"}),
+    "hyper(rank=full)": ("hyper", {"rank": None}),
+}
+
+
+def run_experts(args, device: torch.device) -> dict:
+    """Training step and inference forward of the layer per expert type (token_choice router, k=1)."""
+    torch.manual_seed(0)
+    common = {"dim": args.dim, "hidden": args.hidden, "num_experts": args.experts}
+    x = torch.randn(args.images, args.tokens, args.dim, device=device, requires_grad=True)
+    layers: dict[str, torch.nn.Module] = {"dense_ffn": FeedForward(args.dim, args.hidden).to(device)}
+    variants = {name: (name, {}) for name in EXPERTS.names()} | EXPERT_VARIANTS
+    for label, (name, options) in variants.items():
+        layers[label] = build_moe(router="token_choice", experts=name, **common, **options).to(device)
+
+    def step(module) -> Callable[[], None]:
+        def fn() -> None:
+            x.grad = None
+            module.train()(x).sum().backward()
+
+        return fn
+
+    def infer(module) -> Callable[[], None]:
+        def fn() -> None:
+            with torch.no_grad():
+                module.eval()(x)
+
+        return fn
+
+    load_before = os.getloadavg()
+    cases = {f"train/{n}": step(m) for n, m in layers.items()} | {f"infer/{n}": infer(m) for n, m in layers.items()}
+    ms = _interleaved(cases, args.repeats, args.warmup, device)
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in layers.items()}
+    flops = {n: (m.experts.flops_per_row(args.tokens) if n != "dense_ffn" else 4.0 * args.dim * args.hidden) for n, m in layers.items()}
+    return {
+        "images": args.images,
+        "train_ms": {n: ms[f"train/{n}"] for n in layers},
+        "infer_ms": {n: ms[f"infer/{n}"] for n in layers},
+        "params": params,
+        "flops_per_row": flops,
+        "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],
+    }
+
+
+def _expert_markdown(section: dict) -> list[str]:
+    lines = ["", "## Expert types", "", f"Command: `{section['command']}`. Each expert type behind the token_choice router "
+             "(k=1, capacity factor 1.25, default expert options unless named), one training step (forward + backward) and one "
+             "inference forward (eval mode, no gradients); dense_ffn is the FFN of one expert's size."]  # fmt: skip
+    for key, res in section["results"].items():
+        load = res["loadavg_1min_before_after"]
+        lines += ["", f"### {key} (1-min load average {load[0]:.2f} -> {load[1]:.2f})", "",
+                  "| layer | train ms | / dense | infer ms | / dense | params | expert FLOPs / row |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        dt, di = res["train_ms"]["dense_ffn"], res["infer_ms"]["dense_ffn"]
+        for name in res["train_ms"]:
+            t, i = res["train_ms"][name], res["infer_ms"][name]
+            label = name if name == "dense_ffn" else f"moe/{name}"
+            lines.append(
+                f"| {label} | {t:.1f} | {t / dt:.2f} | {i:.1f} | {i / di:.2f} | {res['params'][name]:,} | {res['flops_per_row'][name]:,.0f} |"
+            )
+    return lines
 
 
 def _interleaved(cases: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
@@ -198,6 +267,8 @@ def _markdown(report: dict) -> str:
         lines += ["", "| router | train fwd+bwd ms | / token_choice | infer ms | / token_choice |", "| --- | ---: | ---: | ---: | ---: |"]
         base_train, base_infer = res["router_ms"]["train/token_choice"], res["router_ms"]["infer/token_choice"]
         for name in ROUTERS.names():
+            if f"train/{name}" not in res["router_ms"]:
+                continue  # a router registered after these results were measured
             train, infer = res["router_ms"][f"train/{name}"], res["router_ms"][f"infer/{name}"]
             lines.append(f"| {name} | {train:.2f} | {train / base_train:.2f} | {infer:.2f} | {infer / base_infer:.2f} |")
         r = res["ratios"]
@@ -218,6 +289,8 @@ def _markdown(report: dict) -> str:
                 lines.append(f"| {name} router ({mode}) <= linear softmax router | {v:.2f}x | {'yes' if v <= 1.0 else 'no'} |")
         share = r["hungarian_router_share_of_layer_step"]
         lines.append(f"| exact Hungarian matching <= 25% of the layer step | {100 * share:.1f}% | {'yes' if share <= 0.25 else 'no'} |")
+    if "expert_types" in report:
+        lines += _expert_markdown(report["expert_types"])
     return "\n".join(lines) + "\n"
 
 
@@ -234,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-cuda", action="store_true", help="skip CUDA even when present")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--only", choices=["all", "experts"], default="all", help="experts: time the expert types only and keep the other results"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.repeats, args.warmup = [32], 3, 1
@@ -242,8 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.no_cuda:
         devices.append(torch.device("cuda"))
+    command = "python benchmarks/moe_layer.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     report = {
-        "command": "python benchmarks/moe_layer.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "command": command,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": {},
@@ -253,14 +330,22 @@ def main(argv: list[str] | None = None) -> None:
             report["machine"]["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    if args.only == "experts" and (args.out / "moe_layer.json").is_file():
+        previous = json.loads((args.out / "moe_layer.json").read_text())
+        report = previous | {"expert_types": {}}
+    experts_section = {"command": command, "results": {}}
     for device in devices:
         if device.type == "cuda":
             report["machine"]["gpu"] = torch.cuda.get_device_name(device)
         for images in sizes:
-            print(f"timing {images} images on {device} ...", flush=True)
             args.images = images
-            report["results"][f"{device}, {images} images"] = run_device(args, device)
+            if args.only == "all":
+                print(f"timing {images} images on {device} ...", flush=True)
+                report["results"][f"{device}, {images} images"] = run_device(args, device)
+            print(f"timing expert types, {images} images on {device} ...", flush=True)
+            experts_section["results"][f"{device}, {images} images"] = run_experts(args, device)
         args.images = sizes
+    report["expert_types"] = experts_section
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "moe_layer.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = _markdown(report)

@@ -7,6 +7,14 @@ along a leading expert axis — ``w_in [experts, dim, hidden]``,
 so one expert's block of expert-sorted rows is a plain ``addmm`` and the loop
 runs over experts, never over tokens.
 
+``out_bias="shared"`` replaces the per-expert output biases by one ``[dim]``
+bias shared by all experts and split equally among a token's routed rows
+(``bias / rows_of_token`` per row; the whole bias per soft-MoE slot, whose
+combine weights sum to 1), so with combine weights 1 a token gets the bias
+exactly once whatever its k. Upcycling (``ssroute.experts.upcycle``) uses it
+to carry a dense FFN's ``fc2`` bias, so that the experts' sum at k = E is the
+dense FFN and fewer experts still add the full bias.
+
 >>> import torch
 >>> bank = MLPExperts(dim=8, hidden=16, num_experts=3)
 >>> bank(torch.randn(5, 8), [2, 0, 3], None).shape
@@ -35,12 +43,17 @@ class MLPExperts(ExpertBank):
         num_experts: number of experts ``E``.
         depth: linear layers per expert (2 = the ViT MLP).
         activation: ``gelu``, ``relu`` or ``silu``.
+        out_bias: ``expert`` (one output bias per expert) or ``shared`` (one bias, split
+            among a token's rows; see the module docstring).
     """
 
-    def __init__(self, dim: int, hidden: int, num_experts: int, depth: int = 2, activation: str = "gelu") -> None:
+    def __init__(self, dim: int, hidden: int, num_experts: int, depth: int = 2, activation: str = "gelu", out_bias: str = "expert") -> None:
         super().__init__(dim, hidden, num_experts)
         if depth < 2:
             raise ConfigError(f"experts mlp: depth={depth} must be at least 2; use depth=2 for the ViT MLP.")
+        if out_bias not in ("expert", "shared"):
+            raise ConfigError(f"experts mlp: out_bias={out_bias!r} is not valid; choose expert or shared.")
+        self.out_bias = out_bias
         self.depth = depth
         self.act = build_activation(activation)
         self.w_in, self.b_in = self._stacked(num_experts, dim, hidden)
@@ -48,6 +61,8 @@ class MLPExperts(ExpertBank):
         self.w_mid = nn.Parameter(torch.stack([w for w, _ in mids])) if mids else None
         self.b_mid = nn.Parameter(torch.stack([b for _, b in mids])) if mids else None
         self.w_out, self.b_out = self._stacked(num_experts, hidden, dim)
+        if out_bias == "shared":
+            self.b_out = nn.Parameter(self.b_out.detach()[0].clone())  # [dim]
 
     @staticmethod
     def _stacked(experts: int, fan_in: int, fan_out: int) -> tuple[nn.Parameter, nn.Parameter]:
@@ -57,13 +72,18 @@ class MLPExperts(ExpertBank):
         bias = torch.empty(experts, fan_out).uniform_(-bound, bound)
         return nn.Parameter(weight), nn.Parameter(bias)
 
+    def shared_params(self) -> int:
+        return self.dim if self.out_bias == "shared" else 0
+
     def flops_per_row(self, tokens_per_image: int) -> float:
         return 2.0 * (2 * self.dim * self.hidden + (self.depth - 2) * self.hidden * self.hidden)
 
     def forward(self, x: Tensor, sizes: list[int], context: ExpertContext | None) -> Tensor:
         # unbind once: its backward stacks the per-expert grads in one allocation,
         # where indexing w[e] per expert would allocate a full-size zero grad each time.
-        w_in, b_in, w_out, b_out = self.w_in.unbind(0), self.b_in.unbind(0), self.w_out.unbind(0), self.b_out.unbind(0)
+        shared = self.out_bias == "shared"
+        w_in, b_in, w_out = self.w_in.unbind(0), self.b_in.unbind(0), self.w_out.unbind(0)
+        b_out = [self.b_out.new_zeros(self.dim)] * self.num_experts if shared else self.b_out.unbind(0)
         w_mid = [w.unbind(0) for w in self.w_mid.unbind(0)] if self.w_mid is not None else []
         b_mid = [b.unbind(0) for b in self.b_mid.unbind(0)] if self.b_mid is not None else []
         outputs = []
@@ -75,4 +95,13 @@ class MLPExperts(ExpertBank):
             for w, b in zip(w_mid, b_mid, strict=True):
                 h = self.act(torch.addmm(b[e], h, w[e]))
             outputs.append(torch.addmm(b_out[e], h, w_out[e]))
-        return torch.cat(outputs)
+        y = torch.cat(outputs)
+        return y + self._shared_bias(y, context) if shared else y
+
+    def _shared_bias(self, y: Tensor, context: ExpertContext | None) -> Tensor:
+        """``[rows, dim]`` share of the shared output bias each row carries."""
+        if context is None or context.token_index is None:  # one expert call per row (soft slots): the whole bias
+            return self.b_out.expand_as(y)
+        token = context.token_index
+        rows_of_token = torch.bincount(token, minlength=context.num_images * context.tokens_per_image).index_select(0, token)
+        return self.b_out.unsqueeze(0) / rows_of_token.unsqueeze(1).to(y.dtype)
