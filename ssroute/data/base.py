@@ -56,10 +56,6 @@ class ImageSet(Dataset):
         base = self.loader
         return ImageSet(None, self.labels[indices], loader=lambda i: base(int(indices[i])))
 
-    @property
-    def labeled(self) -> bool:
-        return bool((self.labels >= 0).all()) and len(self.labels) > 0
-
 
 @dataclass
 class DataBundle:

@@ -45,6 +45,18 @@ class ResumableModule(pl.LightningModule):
     def after_optimizer_step(self) -> None:
         """Per-step updates that must be in the next checkpoint (EMA teachers, schedules)."""
 
+    def find_moe_layers(self, model: torch.nn.Module) -> list:
+        """The model's MoE layers, looked up once so steps do not walk the module tree."""
+        from ssroute.layers.moe import MoELayer
+
+        return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """Sum of the last forward's auxiliary router losses (None for a dense model)."""
+        if not self.moe_layers:
+            return None
+        return torch.stack([layer.aux_loss.float() for layer in self.moe_layers]).sum()
+
     def log_routing(self, model: torch.nn.Module) -> None:
         """Per-expert load share and dropped-token share of every MoE block of ``model`` (this step)."""
         from ssroute.layers.moe import MoELayer

@@ -20,7 +20,7 @@ from ssroute.eval.features import eval_loader, gather_unique
 from ssroute.models import build_backbone
 from ssroute.train.base import ResumableModule
 from ssroute.train.optim import build_optimizer
-from ssroute.train.pretrain_module import NonFiniteLossError, aux_losses
+from ssroute.train.pretrain_module import NonFiniteLossError
 
 
 class FinetuneModule(ResumableModule):
@@ -42,6 +42,7 @@ class FinetuneModule(ResumableModule):
             self.backbone.load_state_dict(backbone_state)
         # Standardising features before the linear layer (MAE's probe head, He et al. 2021) lets one
         # learning rate suit features of any scale.
+        self.moe_layers = self.find_moe_layers(self.backbone)
         self.head = nn.Sequential(nn.BatchNorm1d(self.backbone.dim, affine=False), nn.Linear(self.backbone.dim, data.num_classes))
         self.augment = ViewAugment(cfg.data.augment, data.channels, data.image_size, data.mean, data.std)
         self.frozen = cfg.mode == "linear"
@@ -69,7 +70,7 @@ class FinetuneModule(ResumableModule):
         view, _ = self.augment.view(images)
         logits = self.head(self.features(view))
         loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
-        aux = None if self.frozen else aux_losses(self.backbone)
+        aux = None if self.frozen else self.moe_aux_loss()
         total = loss if aux is None else loss + aux
         if not torch.isfinite(total):
             raise NonFiniteLossError(f"the loss became {total.item()} at step {self.global_step}; lower optim.lr. The last good checkpoint is kept.")

@@ -42,15 +42,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops and the last good checkpoint is kept."""
 
 
-def aux_losses(model: torch.nn.Module) -> torch.Tensor | None:
-    """Sum of the auxiliary router losses of the model's MoE layers (None for a dense model)."""
-    from ssroute.layers.moe import collect_aux_loss
-
-    if not any(isinstance(m, MoELayer) for m in model.modules()):
-        return None
-    return collect_aux_loss(model)
-
-
 class PretrainModule(ResumableModule):
     """Backbone + SSL objective + view augmentation, trained without labels.
 
@@ -77,8 +68,8 @@ class PretrainModule(ResumableModule):
         self.final_metrics: dict[str, float] = {}
         self.final_eval = False
         self._eval_outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}
-        self.has_moe = any(isinstance(m, MoELayer) for m in self.backbone.modules())
-        self.consistent = consistent_layers(self.backbone) if self.has_moe and cfg.consistency.weight > 0 else []
+        self.moe_layers = self.find_moe_layers(self.backbone)
+        self.consistent = consistent_layers(self.backbone) if self.moe_layers and cfg.consistency.weight > 0 else []
         self._stability = RoutingStabilityMeter(cfg.model.num_experts)
         self.k_schedule = build_schedule(cfg.k_schedule, self.backbone)
         self._block_features: list[list[torch.Tensor]] = []
@@ -125,12 +116,9 @@ class PretrainModule(ResumableModule):
             self._phase = phase
         if self.k_schedule is not None:
             k = self.k_schedule(self.global_step)  # a pure function of the step: resumes keep it
-            for layer in self.moe_layers():
+            for layer in self.moe_layers:
                 layer.set_k(k)
             self.log("k", float(k), prog_bar=True)
-
-    def moe_layers(self) -> list[MoELayer]:
-        return [m for m in self.backbone.modules() if isinstance(m, MoELayer)]
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images = batch[0]
@@ -138,7 +126,7 @@ class PretrainModule(ResumableModule):
         views = self.augment(images, num_views=objective.num_views)
         with record_routing(self.backbone) as recorded:
             ssl_loss = objective(encoder, views.images)
-        aux = aux_losses(self.backbone)
+        aux = self.moe_aux_loss()
         loss = ssl_loss if aux is None else ssl_loss + aux
         if self.consistent:
             matches = view_matches(self.backbone.patch_embed, views.matrices[0], views.matrices[1])
@@ -187,7 +175,7 @@ class PretrainModule(ResumableModule):
         if self.final_eval and dataloader_idx == 1:
             # mean-pooled output of every block, for CKA between consecutive blocks
             self._block_features.append([out.mean(dim=1).float() for out in self.backbone.block_outputs(self.augment.normalize(images))])
-        if self.has_moe and dataloader_idx == 1:
+        if self.moe_layers and dataloader_idx == 1:
             # routing stability on the held-out images under the training augmentations, fixed pairs per batch
             torch.manual_seed(self.cfg.seed * 7_368_787 + batch_idx * 31 + self.global_rank)
             views = self.augment(images, num_views=2)
