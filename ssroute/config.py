@@ -60,7 +60,7 @@ class ModelConfig:
     num_experts: int = 8  # experts per MoE layer
     expert_hidden: int | None = None  # one expert's hidden width; null = the dense FFN's (mlp_ratio * dim)
     moe_k: list[int] = field(default_factory=list)  # k of each MoE layer, aligned with moe_layers; [] = the router's k
-    stack: list[str] = field(default_factory=list)  # e.g. [ssl, route, ssl]: sets depth and moe_layers; [] = use them
+    stack: list[str] = field(default_factory=list)  # e.g. [ssl, route, ssl]: sets depth and moe_layers; dense = a 1-block dense stage; [] = use them
     ssl_layers: int = 1  # dense transformer blocks in each ssl block of the stack
 
 

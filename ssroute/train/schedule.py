@@ -1,7 +1,9 @@
 """Training schedules over a stack of blocks: layerwise, end to end, or layerwise then joint.
 
 A stack ``[ssl, route, ssl]`` is a list of *stages*; each stage is a run of
-transformer blocks (``ssroute.models.stack``). ``layerwise`` trains stage 1 on
+transformer blocks: ``ssl`` is ``model.ssl_layers`` dense blocks, ``route`` one
+block whose FFN is an MoE layer, and ``dense`` one dense block in the same place
+(the equal-active-parameter baseline of a ``route`` block). ``layerwise`` trains stage 1 on
 images with its own SSL head, then stage 2 on the frozen outputs of stage 1,
 and so on, ``epochs_per_block`` epochs each — the notes' "SS layers are trained
 sequentially: first on images, then on the outputs of the first SS layer" (and
@@ -25,6 +27,7 @@ from torch import nn
 from ssroute.errors import ConfigError
 
 SCHEDULES = ("end_to_end", "layerwise", "layerwise_then_joint")
+BLOCK_KINDS = ("ssl", "route", "dense")
 
 
 @dataclass(frozen=True)
@@ -107,9 +110,9 @@ def resolve_stack(cfg) -> None:
     """Turn ``model.stack`` into ``model.depth`` / ``model.moe_layers`` and the schedule into epochs, in place."""
     model = cfg.model
     if model.stack:
-        unknown = [kind for kind in model.stack if kind not in ("ssl", "route")]
+        unknown = [kind for kind in model.stack if kind not in BLOCK_KINDS]
         if unknown:
-            raise ConfigError(f"model.stack={list(model.stack)} has unknown block kinds {unknown}; use ssl and route.")
+            raise ConfigError(f"model.stack={list(model.stack)} has unknown block kinds {unknown}; use {', '.join(BLOCK_KINDS)}.")
         ranges = stage_ranges(model)
         routed = [start for (start, _), kind in zip(ranges, model.stack, strict=True) if kind == "route"]
         if model.moe_layers and list(model.moe_layers) != routed:

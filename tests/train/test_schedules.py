@@ -58,3 +58,13 @@ def test_bad_stacks_are_refused(tmp_path, pretrain_cfg):
         run_pretrain(pretrain_cfg(["model.stack=[ssl,moe]"]), tmp_path / "a")
     with pytest.raises(ConfigError, match="contradicts model.stack"):
         run_pretrain(pretrain_cfg(["model.stack=[ssl,route]", "model.moe_layers=[0]"]), tmp_path / "b")
+
+
+def test_dense_block_kind_is_the_routed_stack_without_routing(pretrain_cfg):
+    from ssroute.train.schedule import resolve_stack, stage_ranges
+
+    routed, dense = pretrain_cfg(["model.stack=[ssl,route,ssl]", "model.ssl_layers=2"]), pretrain_cfg(["model.stack=[ssl,dense,ssl]", "model.ssl_layers=2"])
+    for cfg in (routed, dense):
+        resolve_stack(cfg)
+    assert stage_ranges(routed.model) == stage_ranges(dense.model) == [(0, 2), (2, 3), (3, 5)]
+    assert list(routed.model.moe_layers) == [2] and list(dense.model.moe_layers) == []
