@@ -52,6 +52,16 @@ def test_sinkhorn_targets_have_equal_expert_marginals():
     assert torch.allclose(targets.sum(dim=0), torch.full((E,), 64 / E), atol=1e-3)
 
 
+def test_sinkhorn_targets_balance_a_router_that_prefers_one_expert():
+    # a router that sends ~45% of tokens to expert 0, sharpened at T=0.1: nearly one-hot rows
+    logits = torch.randn(4000, 8, generator=torch.Generator().manual_seed(0)) * 3
+    logits[:, 0] += 4
+    targets = sinkhorn_targets(logits.softmax(-1), temperature=0.1)
+    usage = targets.mean(dim=0)
+    assert usage.max() < 0.2  # unbalanced targets (the linear-domain version gave 0.43) would teach the collapse
+    assert targets.max(dim=1).values.mean() > 0.9  # ... while staying confident
+
+
 def test_gradients_flow_to_both_views_and_invalid_tokens_are_ignored():
     logits1 = torch.randn(B, N, E, requires_grad=True)
     logits2 = torch.randn(B, N, E, requires_grad=True)
