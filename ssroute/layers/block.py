@@ -36,6 +36,7 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask [batch, tokens]``: False marks padding that attention ignores (None = all tokens real)."""
+        x = x + self.attn(self.norm1(x), mask)
         return x + self.ffn(self.norm2(x))
