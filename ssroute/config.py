@@ -110,6 +110,7 @@ class TrainerConfig:
     precision: str = "32-true"  # Lightning precision string (bf16-mixed on recent GPUs)
     checkpoint_every_n_steps: int = 100  # write checkpoints/last.ckpt every this many steps (and at the end)
     knn_every_n_epochs: int = 1  # online kNN accuracy every this many epochs (0 = off)
+    fluctuation_every_n_steps: int = 25  # MoE models: top-1 routing snapshot of a fixed probe set every this many steps (0 = off); digits' 500 default steps give 21
     progress_bar: bool = True  # Lightning's progress bar
     log_every_n_steps: int = 10  # CSV/TensorBoard logging period
     limit_train_batches: Any = None  # Lightning's limit (int batches or float share); None = all
@@ -173,6 +174,7 @@ def validate_common(cfg: Any) -> None:
     _check(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive.")
     _check(cfg.trainer.max_epochs is None or cfg.trainer.max_epochs > 0, f"trainer.max_epochs={cfg.trainer.max_epochs} must be positive.")
     _check(cfg.trainer.checkpoint_every_n_steps > 0, "trainer.checkpoint_every_n_steps must be a positive integer.")
+    _check(cfg.trainer.get("fluctuation_every_n_steps", 0) >= 0, "trainer.fluctuation_every_n_steps must be >= 0 (0 turns routing snapshots off).")
     lo, hi = cfg.data.augment.crop_scale
     _check(0.0 < lo <= hi <= 1.0, f"data.augment.crop_scale={[lo, hi]} must satisfy 0 < low <= high <= 1.")
 

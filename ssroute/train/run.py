@@ -73,9 +73,15 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], check_val_every_n_epoch: int | None) -> pl.Trainer:
-    """A Lightning Trainer for ``cfg.trainer`` writing into ``run_dir``."""
+    """A Lightning Trainer for ``cfg.trainer`` writing into ``run_dir``.
+
+    MoE models also get :class:`~ssroute.train.callbacks.RoutingFluctuation`
+    (every ``trainer.fluctuation_every_n_steps`` steps; 0 = off).
+    """
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
+
+    from ssroute.train.callbacks import RoutingFluctuation
 
     loggers: list = [CSVLogger(str(run_dir), name="logs", version="")]
     try:
@@ -95,6 +101,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], 
         enable_version_counter=False,
     )
     t = cfg.trainer
+    every = t.get("fluctuation_every_n_steps", 0)  # configs saved before the key existed have none
+    if every and cfg.model.moe_layers:
+        callbacks = [*callbacks, RoutingFluctuation(every, batch_size=cfg.eval_batch_size, run_dir=run_dir)]
     return pl.Trainer(
         default_root_dir=str(run_dir),
         max_epochs=t.max_epochs,
