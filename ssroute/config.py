@@ -47,6 +47,21 @@ class DataConfig:
 
 
 @dataclass
+class DepthRouterConfig:
+    """Routing over depth (model=vit_depth, ssroute/models/depth_router.py, docs/depth_routing.md)."""
+
+    pool_blocks: int | None = None  # transformer blocks in the pool shared by every step; null = model.depth (the dense ViT's parameters)
+    identity_blocks: int = 1  # identity choices in the pool: an image that picks one skips that step at no cost
+    max_steps: int | None = None  # the most routed steps per image; null = model.depth (the dense ViT's depth)
+    halting: bool = False  # adaptive computation time: a halting unit per step, halted images stop being computed
+    halt_epsilon: float = 0.01  # ACT halts once the cumulative halting score reaches 1 - halt_epsilon
+    ponder_weight: float = 0.01  # weight of the ACT ponder cost mean(steps + remainder) / max_steps (halting only)
+    stop_on_identity: bool = False  # an image that picks an identity block halts there
+    sample: bool = True  # pick by Gumbel-max sampling while training (argmax at evaluation); false = argmax always
+    order_prior: float = 2.0  # initial router logit bonus for block s at step s (starts near the dense ViT); 0 = no prior
+
+
+@dataclass
 class ModelConfig:
     name: str = "vit"  # backbone family (only vit for now)
     dim: int = 64  # token width
@@ -62,6 +77,7 @@ class ModelConfig:
     moe_k: list[int] = field(default_factory=list)  # k of each MoE layer, aligned with moe_layers; [] = the router's k
     stack: list[str] = field(default_factory=list)  # e.g. [ssl, route, ssl]: sets depth and moe_layers; dense = a 1-block dense stage; [] = use them
     ssl_layers: int = 1  # dense transformer blocks in each ssl block of the stack
+    depth_router: DepthRouterConfig = field(default_factory=DepthRouterConfig)  # model=vit_depth only: the pool, steps and halting
 
 
 @dataclass

@@ -8,14 +8,18 @@ from ssroute.errors import ConfigError
 from ssroute.layers.mlp import FeedForward
 from ssroute.models.vit import ViT
 
-__all__ = ["ViT", "build_backbone"]
+__all__ = ["ViT", "build_backbone", "extra_metrics"]
 
 
 def build_backbone(cfg, image_size: int, channels: int) -> ViT:
     """The backbone of run config ``cfg`` (``model``, ``router``, ``experts``) for the data's image size and channels."""
     model = cfg.model
+    if model.name == "vit_depth":  # routing over depth: a shared pool of blocks picked step by step
+        from ssroute.models.vit_depth import build_depth_routed_vit
+
+        return build_depth_routed_vit(cfg, image_size, channels, build_selector(cfg, image_size))
     if model.name != "vit":
-        raise ConfigError(f"unknown model {model.name!r}; choose one of: vit.")
+        raise ConfigError(f"unknown model {model.name!r}; choose one of: vit, vit_depth.")
     bad = [i for i in model.moe_layers if not 0 <= i < model.depth]
     if bad:
         raise ConfigError(f"model.moe_layers={list(model.moe_layers)} names blocks outside 0..{model.depth - 1}; use block indices below model.depth.")
@@ -56,3 +60,12 @@ def build_backbone(cfg, image_size: int, channels: int) -> ViT:
         dropout=model.dropout,
         ffn_factory=ffn,
     )
+
+
+def extra_metrics(backbone: nn.Module, training: bool) -> dict[str, float]:
+    """A backbone's own statistics (``backbone.extra_metrics``, e.g. ``depth/*`` of model=vit_depth); ``{}`` for a plain ViT.
+
+    ``training``: of the training forwards since the last such call; else of the evaluation forwards since the last training forward.
+    """
+    hook = getattr(backbone, "extra_metrics", None)
+    return hook(training) if hook is not None else {}

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ssroute.config import resolve_data_defaults, validate_finetune
 from ssroute.data import build_data, label_subset
 from ssroute.errors import ConfigError
+from ssroute.models import extra_metrics
 from ssroute.train.finetune_module import FinetuneModule
 from ssroute.train.run import build_trainer, find_resume_dir, quiet_third_party_logs, resumed_config, save_config, write_json_atomic
 
@@ -126,6 +127,7 @@ def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
         "epochs": trainer.current_epoch,
         "train_time_s": round(module.train_time_s, 2),
     }
+    metrics.update(extra_metrics(module.backbone, training=False))  # backbone hook: depth/* of model=vit_depth over the final evaluation
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)
         log.info("metrics: %s", metrics)

@@ -17,7 +17,7 @@ from ssroute.data import DataBundle, ImageSet
 from ssroute.data.loader import ResumableLoader
 from ssroute.data.views import ViewAugment
 from ssroute.eval.features import eval_loader, gather_unique
-from ssroute.models import build_backbone
+from ssroute.models import build_backbone, extra_metrics
 from ssroute.train.base import ResumableModule
 from ssroute.train.optim import build_optimizer
 from ssroute.train.pretrain_module import NonFiniteLossError
@@ -79,6 +79,7 @@ class FinetuneModule(ResumableModule):
             self.log("aux_loss", aux)
             self.log_routing(self.backbone)
         self.log("train_top1", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
+        self.log_dict(extra_metrics(self.backbone, training=True))  # backbone hook: depth/* of model=vit_depth ({} otherwise)
         return total
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:

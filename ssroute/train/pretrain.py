@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from ssroute.config import resolve_data_defaults, validate_pretrain
 from ssroute.data import build_data
+from ssroute.models import extra_metrics
 from ssroute.train.pretrain_module import PretrainModule, check_pretrain_config, throughput
 from ssroute.train.run import build_trainer, find_resume_dir, quiet_third_party_logs, resumed_config, save_config, write_json_atomic
 from ssroute.train.schedule import resolve_stack
@@ -47,6 +48,7 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
         module.final_eval = True
         trainer.validate(module, verbose=False)
         metrics.update(module.final_metrics)
+        metrics.update(extra_metrics(module.backbone, training=False))  # backbone hook: depth/* of model=vit_depth over the final evaluation
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)
         log.info("metrics: %s", metrics)

@@ -28,7 +28,7 @@ from ssroute.eval.knn import knn_accuracy
 from ssroute.eval.linear import linear_probe_accuracy
 from ssroute.eval.routing_stability import RoutingStabilityMeter
 from ssroute.layers.moe import MoELayer, record_routing
-from ssroute.models import build_backbone
+from ssroute.models import build_backbone, extra_metrics
 from ssroute.objectives import build_objective
 from ssroute.train.base import ResumableModule
 from ssroute.train.optim import build_optimizer
@@ -146,6 +146,7 @@ class PretrainModule(ResumableModule):
             self.log("aux_loss", aux)
             self.log_routing(self.backbone)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log_dict(extra_metrics(self.backbone, training=True))  # backbone hook: depth/* of model=vit_depth ({} otherwise)
         return loss
 
     def after_optimizer_step(self) -> None:

@@ -1,0 +1,251 @@
+"""Routing over depth: at each step a router picks which block of a shared pool to apply, identity blocks included.
+
+The notes' "larger scale routing — simple images can be sent to smaller
+continuations of the architecture", and their router that chooses the next layer
+from a pool holding identity layers, with adaptive computation time. A pool of
+``P`` transformer blocks and ``I`` identity blocks is shared by up to ``S``
+steps. At step ``s`` a linear depth router reads the image's pooled state
+(LayerNorm of the token mean) plus a learned bias per step (the notes: "tell the
+router where we are") and picks one of the ``P + I`` choices per image: top-1,
+sampled by Gumbel-max while training. Images are grouped by choice so each block
+runs once per step on its images (sort, gather, scatter); identity costs nothing.
+The chosen block enters through a straight-through gate,
+``y = block(x) + (p - sg(p)) * (block(x) - x)``: the forward value is exactly
+``block(x)`` and the router gets the MoE gradient through ``p``. The step bias
+starts with ``order_prior`` on block ``s`` at step ``s``, so an untrained stack
+is close to the dense ViT of depth ``P``.
+
+Adaptive computation time (Graves 2016, arXiv 1603.08983), optional: after
+step ``s`` a halting unit reads the pooled state and gives ``h_s``; an image
+halts at the first ``n`` with ``h_1 + ... + h_n >= 1 - halt_epsilon`` (or at
+``S``; with ``stop_on_identity`` also when it picks an identity) and is not
+computed any more. Its output is ``sum_s a_s x_s`` with ``a_s = h_s`` before
+``n`` and the remainder ``R = 1 - h_1 - ... - h_{n-1}`` at ``n``. The ponder cost
+``ponder_weight * mean(n + R) / S`` joins the training loss through the gradient
+(:class:`AttachLoss`, as Megatron-LM's ``MoEAuxLossAutoScaler``), so every
+training loop optimises it without knowing of it.
+
+Shapes: ``tokens [batch, tokens, dim] -> [batch, tokens, dim]``; choices ``[batch, steps]``.
+
+>>> import torch
+>>> stack = DepthRoutedStack(dim=16, heads=2, pool_blocks=2, identity_blocks=1, max_steps=3).eval()
+>>> x = torch.randn(4, 5, 16)
+>>> stack(x).shape
+torch.Size([4, 5, 16])
+>>> torch.equal(stack(x, choices=torch.full((4, 3), 2)), x)  # choice 2 is the identity: input unchanged
+True
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ssroute.errors import ConfigError
+from ssroute.layers.block import TransformerBlock
+from ssroute.layers.mlp import FeedForward
+from ssroute.models.depth_stats import DepthStats
+from ssroute.models.vit import _init_weights
+
+
+class AttachLoss(torch.autograd.Function):
+    """Identity on ``x`` whose backward also gives ``loss`` gradient 1, so ``loss`` joins any objective computed from ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, loss: Tensor) -> Tensor:
+        ctx.save_for_backward(loss)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        (loss,) = ctx.saved_tensors
+        return grad, torch.ones_like(loss)
+
+
+def act_step(total: Tensor, h: Tensor, threshold: float, force: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One ACT step: (cumulative halting ``[B]``, this step's ``h [B]``, ``1 - epsilon``, forced halts ``[B]``) -> (new total, halts, weight).
+
+    The weight of this step's state is ``h`` while running and the remainder ``1 - total`` at the halting step.
+
+    >>> h = torch.tensor([[0.3, 0.3, 0.5, 0.2]])
+    >>> total, weights = torch.zeros(1), []
+    >>> for s in range(4):
+    ...     total, halts, w = act_step(total, h[:, s], 0.99, torch.tensor([s == 3]))
+    ...     weights.append(round(float(w), 4))
+    ...     if halts: break
+    >>> weights
+    [0.3, 0.3, 0.4]
+    """
+    new_total = total + h
+    halts = force | (new_total >= threshold)
+    return new_total, halts, torch.where(halts, 1.0 - total, h)
+
+
+class DepthRoutedStack(nn.Module):
+    """A shared pool of transformer and identity blocks applied over up to ``max_steps`` routed steps.
+
+    Args:
+        dim: token width.
+        heads: attention heads of each pool block.
+        pool_blocks: transformer blocks in the pool (``P``).
+        identity_blocks: identity choices added to the pool (``I``).
+        max_steps: the most steps an image takes (``S``).
+        mlp_ratio: FFN hidden width of the pool blocks as a multiple of ``dim``.
+        activation: FFN activation.
+        dropout: attention dropout.
+        halting: adaptive computation time on (a halting unit and ponder cost).
+        halt_epsilon: ACT halts once the cumulative halting score reaches ``1 - halt_epsilon``.
+        ponder_weight: weight of the ponder cost ``mean(n + R) / S``.
+        stop_on_identity: an image that picks an identity block halts there.
+        sample: pick by Gumbel-max sampling while training (argmax at evaluation); False = argmax always.
+        order_prior: initial router bias towards block ``s`` at step ``s`` (the dense order); 0 = none.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        pool_blocks: int = 4,
+        identity_blocks: int = 1,
+        max_steps: int = 4,
+        mlp_ratio: float = 2.0,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        halting: bool = False,
+        halt_epsilon: float = 0.01,
+        ponder_weight: float = 0.01,
+        stop_on_identity: bool = False,
+        sample: bool = True,
+        order_prior: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if pool_blocks < 1 or identity_blocks < 0 or max_steps < 1:
+            raise ConfigError(
+                f"model.depth_router needs pool_blocks >= 1, identity_blocks >= 0 and max_steps >= 1 (got {pool_blocks}, {identity_blocks}, {max_steps})."
+            )
+        if not 0.0 < halt_epsilon < 1.0 or ponder_weight < 0:
+            raise ConfigError(f"model.depth_router.halt_epsilon={halt_epsilon} must be in (0, 1) and ponder_weight={ponder_weight} >= 0.")
+        hidden = int(mlp_ratio * dim)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, FeedForward(dim, hidden, activation), dropout) for _ in range(pool_blocks))
+        self.num_blocks, self.num_choices, self.max_steps = pool_blocks, pool_blocks + identity_blocks, max_steps
+        self.halting, self.threshold, self.ponder_weight = halting, 1.0 - halt_epsilon, ponder_weight
+        self.stop_on_identity, self.sample = stop_on_identity, sample
+        self.state_norm = nn.LayerNorm(dim)
+        self.router = nn.Linear(dim, self.num_choices)
+        self.step_bias = nn.Parameter(torch.zeros(max_steps, self.num_choices))
+        self.halt_head = nn.Linear(dim, 1) if halting else None
+        self.apply(_init_weights)
+        with torch.no_grad():
+            diagonal = torch.arange(min(max_steps, pool_blocks))
+            self.step_bias[diagonal, diagonal] = order_prior
+            if self.halt_head is not None:  # h = 1/S at first: images start by taking every step, the ponder cost trims
+                nn.init.constant_(self.halt_head.bias, -math.log(max(max_steps - 1, 1)))
+        self.names = [f"b{j}" for j in range(pool_blocks)] + [f"id{j}" for j in range(identity_blocks)]
+        self.train_stats, self.eval_stats = (
+            DepthStats(max_steps, self.num_choices, pool_blocks),
+            DepthStats(max_steps, self.num_choices, pool_blocks),
+        )
+
+    def state(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+        """Pooled, normalised image state ``[B, dim]`` (``weights [B, N]``: a weighted token mean)."""
+        pooled = x.mean(dim=1) if weights is None else torch.einsum("bnd,bn->bd", x, weights)
+        return self.state_norm(pooled)
+
+    def route(self, state: Tensor, step: int) -> Tensor:
+        """Router logits ``[B, P + I]`` at ``step`` for pooled states ``[B, dim]``."""
+        return self.router(state) + self.step_bias[step]
+
+    def halt_prob(self, state: Tensor) -> Tensor:
+        """ACT halting score ``h [B]`` of pooled states ``[B, dim]``."""
+        return torch.sigmoid(self.halt_head(state).squeeze(-1).float())
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        weights: Tensor | None = None,
+        choices: Tensor | None = None,
+        steps: int | None = None,
+        outputs: list[Tensor] | None = None,
+    ) -> Tensor:
+        """Route ``x [B, N, dim]`` over depth.
+
+        ``mask [B, N]`` False = padding; ``weights [B, N]`` pool weights of the state; ``choices [B, S]`` forces the
+        picks (tests, analysis); ``steps`` caps the steps; ``outputs``, when given, receives the state after each step.
+        """
+        batch, total_steps = x.shape[0], min(steps or self.max_steps, self.max_steps)
+        active = torch.ones(batch, dtype=torch.bool, device=x.device)
+        total = torch.zeros(batch, device=x.device)
+        result = torch.zeros_like(x) if self.halting else None
+        picks = torch.full((batch, total_steps), -1, dtype=torch.long, device=x.device)  # -1 = halted before this step
+        halted_at = torch.full((batch,), float(total_steps), device=x.device)
+        remainder = torch.zeros(batch, device=x.device)
+        for step in range(total_steps):
+            index = active.nonzero().squeeze(1)
+            if index.numel() == 0:
+                break
+            logits = self.route(self.state(x[index], None if weights is None else weights[index]), step)
+            probs = logits.float().softmax(dim=-1)
+            if choices is not None:
+                choice = choices[index, step]
+            elif self.training and self.sample:
+                choice = (logits.float() - torch.empty_like(probs).exponential_().log()).argmax(dim=-1)  # Gumbel-max sample
+            else:
+                choice = logits.argmax(dim=-1)
+            picks[index, step] = choice
+            gate = probs.gather(1, choice[:, None]).squeeze(1)
+            x = self.apply_step(x, index, choice, gate - gate.detach(), mask)
+            last = step == total_steps - 1
+            force = torch.full_like(choice, last, dtype=torch.bool)
+            if self.stop_on_identity:
+                force = force | (choice >= self.num_blocks)
+            if self.halting:
+                h = self.halt_prob(self.state(x[index], None if weights is None else weights[index]))
+                total_new, halts, weight = act_step(total[index], h, self.threshold, force)
+                total = total.index_copy(0, index, total_new)
+                result = result.index_add(0, index, weight.to(x.dtype)[:, None, None] * x[index])
+                remainder = remainder.index_copy(0, index, torch.where(halts, weight, remainder[index]))
+            else:
+                halts = force
+            halted_at = halted_at.index_copy(0, index, torch.where(halts, float(step + 1), halted_at[index]))
+            active = active.index_copy(0, index, ~halts)
+            if outputs is not None:
+                outputs.append(result if self.halting and step == total_steps - 1 else x)
+        ponder = (halted_at + remainder).mean()  # Graves' ponder cost n + R; R carries the halting units' gradient
+        if self.training:  # evaluation statistics describe the weights as they are now
+            self.eval_stats.reset()
+        (self.train_stats if self.training else self.eval_stats).add(picks, halted_at, ponder.detach() if self.halting else None)
+        if not self.halting:
+            return x
+        if self.ponder_weight > 0 and torch.is_grad_enabled() and result.requires_grad:
+            result = AttachLoss.apply(result, self.ponder_weight * ponder / self.max_steps)
+        return result
+
+    def apply_step(self, x: Tensor, index: Tensor, choice: Tensor, gate: Tensor, mask: Tensor | None) -> Tensor:
+        """Apply each image's chosen block: images ``index [A]`` grouped by ``choice [A]``, each pool block run once on its group.
+
+        ``gate [A]`` is zero-valued (``p - sg(p)``) and carries the router's gradient; identity choices leave their images untouched.
+        """
+        order = choice.argsort(stable=True)
+        counts = torch.bincount(choice, minlength=self.num_choices)[: self.num_blocks].tolist()
+        start = 0
+        for block, count in zip(self.blocks, counts, strict=True):
+            if count:
+                group = index[order[start : start + count]]
+                gate_group = gate[order[start : start + count]].to(x.dtype)[:, None, None]
+                before = x[group]
+                after = block(before, None if mask is None else mask[group])
+                x = x.index_copy(0, group, after + gate_group * (after - before))
+            start += count
+        return x
+
+    def extra_metrics(self, training: bool) -> dict[str, float]:
+        """Routing statistics: of the training forwards since the last such call (then reset) when ``training``,
+        else of the evaluation forwards since the last training forward (with the layer-order matrix)."""
+        if training:
+            stats = self.train_stats.summary(self.names, order=False)
+            self.train_stats.reset()
+            return stats
+        return self.eval_stats.summary(self.names, order=True)
