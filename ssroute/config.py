@@ -81,6 +81,19 @@ class ModelConfig:
 
 
 @dataclass
+class PatchesConfig:
+    """Which patches become tokens (ssroute/patches, docs/patches.md); patch side = model.patch_size."""
+
+    name: str = "grid"  # grid, entropy_topk, entropy_maxsum, random or sequential (ssroute.patches.PATCH_SELECTORS)
+    num_patches: int | None = None  # patches per image N (the most, for sequential); null = the grid's (image_size / patch_size)^2
+    stride: int = 1  # entropy selectors: pixels between candidate top-left corners; must divide model.patch_size
+    entropy_window: int | None = None  # side of the window whose intensity histogram scores a candidate; null = the patch
+    entropy_bins: int = 16  # histogram bins over each image's intensity range (entropy at most log(bins) nats)
+    halt_epsilon: float = 0.01  # sequential: stop once the cumulative halting score reaches 1 - halt_epsilon (ACT)
+    ponder_weight: float = 0.01  # sequential: weight of the ponder cost (patches taken + remainder) / num_patches
+
+
+@dataclass
 class SSLConfig:
     name: str = "simclr"  # SSL objective, one of ssroute.objectives.OBJECTIVES
     proj_hidden: int = 256  # projection head hidden width
@@ -138,6 +151,7 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     router: dict[str, Any] = field(default_factory=lambda: {"name": "token_choice"})  # configs/router/*.yaml: name + options
     experts: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})  # configs/experts/*.yaml: name + options
+    patches: PatchesConfig = field(default_factory=PatchesConfig)  # configs/patches/*.yaml: patch selection
     ssl: SSLConfig = field(default_factory=SSLConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -158,6 +172,7 @@ class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     router: dict[str, Any] = field(default_factory=lambda: {"name": "token_choice"})  # taken from the checkpoint
     experts: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})  # taken from the checkpoint
+    patches: PatchesConfig = field(default_factory=PatchesConfig)  # taken from the checkpoint
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     layer_decay: float = 1.0  # per-block learning-rate decay towards the input (1 = none)

@@ -11,6 +11,11 @@ position, and the centres are what view correspondences are computed from.
 >>> tokens, centres = embed(torch.randn(3, 1, 8, 8))
 >>> tuple(tokens.shape), tuple(centres.shape), centres[0, 0].tolist()
 ((3, 16, 32), (3, 16, 2), [0.5, 0.5])
+
+With a patch selector (``ssroute.patches``) the same weights embed ``N`` patches
+cut out anywhere: the convolution kernel is applied as a linear map to the
+pixels gathered at the selector's centres, and the position code is computed
+from those centres. Without one (the grid) nothing changes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 
 from ssroute.errors import ConfigError
+from ssroute.patches.base import Patches, PatchSelector, extract_patches
 
 
 def sincos_position(centres: torch.Tensor, dim: int, scale: float) -> torch.Tensor:
@@ -45,9 +51,10 @@ class PatchEmbed(nn.Module):
         patch_size: patch side in pixels; must divide ``image_size``.
         dim: token width.
         image_size: square image side in pixels.
+        selector: which patches to embed (``ssroute.patches``); None = the non-overlapping grid.
     """
 
-    def __init__(self, channels: int, patch_size: int, dim: int, image_size: int) -> None:
+    def __init__(self, channels: int, patch_size: int, dim: int, image_size: int, selector: PatchSelector | None = None) -> None:
         super().__init__()
         if image_size % patch_size:
             divisors = [p for p in range(1, image_size + 1) if image_size % p == 0]
@@ -58,11 +65,33 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("centres", grid_centres(image_size, patch_size), persistent=False)
         self.register_buffer("position", sincos_position(self.centres, dim, image_size), persistent=False)
+        self.selector = selector
+        self.dim = dim
+        self.recorded_patches: list[Patches] | None = None  # every forward's Patches while recording (ssroute.patches.record_patches)
 
     @property
     def num_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        """Tokens per image (the most an image may take, for a halting selector)."""
+        return self.selector.num_patches if self.selector is not None else (self.image_size // self.patch_size) ** 2
+
+    def embed(self, images: torch.Tensor) -> Patches:
+        """Tokens, centres and (for a halting selector) mask, pool weights and ponder cost of a batch."""
+        if self.selector is None:
+            tokens = self.proj(images).flatten(2).transpose(1, 2) + self.position
+            patches = Patches(tokens, self.centres.expand(images.shape[0], -1, -1))
+        else:
+            with torch.no_grad():
+                centres = self.selector(images)
+            pixels = extract_patches(images, centres, self.patch_size)  # [B, N, C*p*p]
+            tokens = nn.functional.linear(pixels, self.proj.weight.flatten(1), self.proj.bias)
+            tokens = tokens + sincos_position(centres, self.dim, self.image_size).to(tokens.dtype)
+            patches = Patches(tokens, centres)
+            if self.selector.halts:
+                patches.mask, patches.pool_weights, patches.aux_loss = self.selector.halt(tokens)
+        if self.recorded_patches is not None:
+            self.recorded_patches.append(patches)
+        return patches
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.proj(images).flatten(2).transpose(1, 2) + self.position
-        return tokens, self.centres.expand(images.shape[0], -1, -1)
+        patches = self.embed(images)
+        return patches.tokens, patches.centres

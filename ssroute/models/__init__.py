@@ -49,6 +49,7 @@ def build_backbone(cfg, image_size: int, channels: int) -> ViT:
         )
 
     return ViT(
+        selector=build_selector(cfg, image_size),
         image_size=image_size,
         channels=channels,
         dim=model.dim,
@@ -69,3 +70,17 @@ def extra_metrics(backbone: nn.Module, training: bool) -> dict[str, float]:
     """
     hook = getattr(backbone, "extra_metrics", None)
     return hook(training) if hook is not None else {}
+
+
+def build_selector(cfg, image_size: int):
+    """The run's patch selector (``patches=``; None = the grid), checked against the schedule."""
+    from ssroute.patches import build_patch_selector
+
+    patches = cfg.get("patches")
+    if patches is None:  # configs written before patch selection existed
+        return None
+    selector = build_patch_selector(patches, cfg.model.patch_size, image_size, cfg.model.dim)
+    schedule = cfg.get("schedule")
+    if selector is not None and selector.halts and schedule is not None and schedule.name != "end_to_end":
+        raise ConfigError(f"patches={patches.name} needs schedule=end_to_end (layerwise stages run the blocks without its padding mask); change one of them.")
+    return selector

@@ -58,7 +58,7 @@ def load_pretrained(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     return config, state
 
 
-ARCHITECTURE = ("model", "router", "experts")  # sections that must match the weights
+ARCHITECTURE = ("model", "router", "experts", "patches")  # sections that must match the weights (patches: the same selection)
 
 
 def merge_model_config(cfg: DictConfig, pretrained: dict[str, Any], overrides: list[str]) -> None:

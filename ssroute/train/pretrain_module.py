@@ -30,6 +30,7 @@ from ssroute.eval.routing_stability import RoutingStabilityMeter
 from ssroute.layers.moe import MoELayer, record_routing
 from ssroute.models import build_backbone, extra_metrics
 from ssroute.objectives import build_objective
+from ssroute.patches import record_patches, selection_aux_loss
 from ssroute.train.base import ResumableModule
 from ssroute.train.optim import build_optimizer
 from ssroute.train.routing import consistency_loss, consistent_layers, measure_stability, view_matches
@@ -124,12 +125,16 @@ class PretrainModule(ResumableModule):
         images = batch[0]
         _, encoder, objective = self.current()
         views = self.augment(images, num_views=objective.num_views)
-        with record_routing(self.backbone) as recorded:
+        with record_routing(self.backbone) as recorded, record_patches(self.backbone) as patches:
             ssl_loss = objective(encoder, views.images)
         aux = self.moe_aux_loss()
         loss = ssl_loss if aux is None else ssl_loss + aux
+        ponder = selection_aux_loss(patches)  # sequential patch selection's ponder cost (None otherwise)
+        if ponder is not None:
+            loss = loss + ponder
+            self.log("ponder_cost", ponder)
         if self.consistent:
-            matches = view_matches(self.backbone.patch_embed, views.matrices[0], views.matrices[1])
+            matches = view_matches(self.backbone.patch_embed, views.matrices[0], views.matrices[1], patches)
             first_trainable = self.stages[getattr(encoder, "first", 0)][0]
             trainable = [name for name in self.consistent if int(name.split(".")[1]) >= first_trainable]
             consistency = consistency_loss(recorded, trainable, matches, images.shape[0], self.cfg.consistency)
@@ -180,10 +185,10 @@ class PretrainModule(ResumableModule):
             # routing stability on the held-out images under the training augmentations, fixed pairs per batch
             torch.manual_seed(self.cfg.seed * 7_368_787 + batch_idx * 31 + self.global_rank)
             views = self.augment(images, num_views=2)
-            with record_routing(self.backbone) as recorded:
+            with record_routing(self.backbone) as recorded, record_patches(self.backbone) as patches:
                 for view in views.images:
                     self.backbone(view)
-            matches = view_matches(self.backbone.patch_embed, views.matrices[0], views.matrices[1])
+            matches = view_matches(self.backbone.patch_embed, views.matrices[0], views.matrices[1], patches)
             measure_stability(self._stability, recorded, matches, images.shape[0])
 
     def on_validation_epoch_end(self) -> None:

@@ -14,24 +14,47 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from ssroute.data.correspondence import Correspondence, grid_correspondence
+from ssroute.data.correspondence import Correspondence, grid_correspondence, nearest_correspondence
 from ssroute.eval.routing_stability import RoutingStabilityMeter
 from ssroute.layers.moe import MoELayer
 from ssroute.layers.patch_embed import PatchEmbed
 from ssroute.objectives.routing_consistency import routing_consistency_loss
+from ssroute.patches.base import Patches
 from ssroute.routing import Routing
 
 log = logging.getLogger(__name__)
 
 
-def view_matches(patch_embed: PatchEmbed, matrix1: Tensor, matrix2: Tensor) -> tuple[Correspondence, Correspondence]:
-    """Grid correspondences view 1 -> view 2 and view 2 -> view 1 for a batch."""
-    centres = patch_embed.centres.expand(matrix1.shape[0], -1, -1)
+def view_matches(
+    patch_embed: PatchEmbed, matrix1: Tensor, matrix2: Tensor, patches: list[Patches] | None = None
+) -> tuple[Correspondence, Correspondence]:
+    """Correspondences view 1 -> view 2 and view 2 -> view 1 for a batch.
+
+    On the grid the partner is the cell containing the mapped centre. When each view
+    selected its own patches (``patches``: the two views' recorded :class:`Patches`,
+    see ``ssroute.patches.record_patches``) it is the nearest patch the other view
+    took, valid only if the mapped centre lies inside it; patches not taken
+    (sequential halting) neither have nor are partners.
+    """
     size, patch = patch_embed.image_size, patch_embed.patch_size
-    return (
-        grid_correspondence(centres, matrix1, matrix2, size, patch),
-        grid_correspondence(centres, matrix2, matrix1, size, patch),
-    )
+    if patch_embed.selector is None:
+        centres = patch_embed.centres.expand(matrix1.shape[0], -1, -1)
+        return (
+            grid_correspondence(centres, matrix1, matrix2, size, patch),
+            grid_correspondence(centres, matrix2, matrix1, size, patch),
+        )
+    if patches is None or len(patches) < 2:
+        raise ValueError("selected patches differ per view: pass the two views' recorded patches (ssroute.patches.record_patches)")
+
+    def match(source: Patches, target: Patches, matrix_from: Tensor, matrix_to: Tensor) -> Correspondence:
+        other = target.centres if target.mask is None else target.centres.masked_fill(~target.mask[..., None], -1e6)  # untaken: never nearest
+        found = nearest_correspondence(source.centres, matrix_from, matrix_to, other, size, patch)
+        if source.mask is not None:
+            found.valid = found.valid & source.mask
+            found.partner = torch.where(found.valid, found.partner, torch.zeros_like(found.partner))
+        return found
+
+    return match(patches[0], patches[1], matrix1, matrix2), match(patches[1], patches[0], matrix2, matrix1)
 
 
 def per_image(routing: Routing, batch: int) -> Tensor:

@@ -1,0 +1,142 @@
+"""The ViT with selected patches: positions from continuous centres, halting and masks, correspondences, pretraining."""
+
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ssroute.config import PatchesConfig, PretrainConfig
+from ssroute.errors import ConfigError
+from ssroute.layers.patch_embed import grid_centres, sincos_position
+from ssroute.models import ViT, build_backbone
+from ssroute.patches import PATCH_SELECTORS, Patches, build_patch_selector, record_patches
+from ssroute.patches.sequential import SequentialPatches
+from ssroute.train.pretrain import run_pretrain
+from ssroute.train.routing import view_matches
+
+
+def test_selected_grid_positions_embed_exactly_like_the_grid():
+    torch.manual_seed(0)
+    grid = ViT(image_size=8, channels=3, dim=32, depth=1, heads=4, patch_size=2)
+    selector = build_patch_selector(PatchesConfig(name="entropy_topk", stride=2), patch_size=2, image_size=8, dim=32)  # all 16 grid cells
+    selected = ViT(image_size=8, channels=3, dim=32, depth=1, heads=4, patch_size=2, selector=selector)
+    selected.load_state_dict(grid.state_dict())
+    images = torch.randn(3, 3, 8, 8)
+    patches = selected.embed(images)
+    order = (patches.centres[..., 1] * 8 + patches.centres[..., 0]).argsort(dim=1)  # back to row-major
+    tokens = patches.tokens.gather(1, order[..., None].expand(-1, -1, 32))
+    assert torch.allclose(tokens, grid.embed(images).tokens, atol=1e-5)
+    assert torch.allclose(selected(images), grid(images), atol=1e-5)  # the pool does not care about order
+
+
+def test_positions_round_trip_through_the_sincos_code():
+    dim, scale = 64, 28.0
+    centres = torch.rand(100, 2) * 27
+    code = sincos_position(centres, dim, scale)
+    quarter = dim // 4
+    slowest = quarter - 1  # lowest frequency: its angle stays below pi over the image, so it decodes uniquely
+    freq = math.exp(-slowest * 9.21 / quarter) * 100.0 / scale
+    sin = code.view(100, 2, 2 * quarter)[..., slowest]
+    cos = code.view(100, 2, 2 * quarter)[..., quarter + slowest]
+    assert torch.allclose(torch.atan2(sin, cos) / freq, centres, atol=1e-3)
+    grid = grid_centres(28, 4)
+    assert torch.equal(sincos_position(grid.clone(), dim, scale), sincos_position(grid, dim, scale))
+
+
+def constant_halting(probability, epsilon, num=6, dim=8):
+    selector = SequentialPatches(patch_size=2, image_size=8, num_patches=num, dim=dim, halt_epsilon=epsilon, ponder_weight=1.0)
+    torch.nn.init.zeros_(selector.halt_head[1].weight)
+    torch.nn.init.constant_(selector.halt_head[1].bias, math.log(probability / (1 - probability)))
+    return selector
+
+
+@pytest.mark.parametrize("epsilon,taken", [(0.05, 4), (0.15, 3), (0.35, 3), (0.45, 2)])
+def test_sequential_halting_stops_at_the_threshold(epsilon, taken):
+    selector = constant_halting(0.3, epsilon)  # cumulative halting 0.3, 0.6, 0.9, 1.2 ...
+    mask, weights, ponder = selector.halt(torch.randn(2, 6, 8))
+    assert mask.sum(dim=1).tolist() == [taken, taken]
+    remainder = 1 - 0.3 * (taken - 1)
+    act = [0.3] * (taken - 1) + [remainder]
+    expected = [sum(a / t for t, a in enumerate(act, start=1) if t >= j) for j in range(1, 7)]
+    assert torch.allclose(weights[0], torch.tensor(expected), atol=1e-6)
+    assert ponder.item() == pytest.approx((taken + remainder) / 6, abs=1e-6)
+
+
+def test_sequential_takes_every_patch_when_the_threshold_is_never_reached():
+    mask, weights, _ = constant_halting(0.01, 0.01).halt(torch.randn(3, 6, 8))
+    assert mask.all() and torch.allclose(weights.sum(dim=1), torch.ones(3))
+
+
+def test_masked_tokens_change_neither_attention_nor_the_pool():
+    torch.manual_seed(0)
+    vit = ViT(image_size=8, channels=1, dim=16, depth=2, heads=2, patch_size=2)
+    tokens = torch.randn(2, 6, 16)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 2 + [False] * 4])
+    weights = mask.float() / mask.sum(dim=1, keepdim=True)
+    before = vit.encode(tokens, mask, weights)
+    noisy = torch.where(mask[..., None], tokens, 100 * torch.randn_like(tokens))
+    assert torch.allclose(vit.encode(noisy, mask, weights), before, atol=1e-5)
+    assert torch.allclose(vit.encode(tokens[:1, :4]), before[:1], atol=1e-5)  # as if the padding were absent
+
+
+def test_sequential_vit_halting_head_learns_from_the_features():
+    torch.manual_seed(0)
+    selector = SequentialPatches(patch_size=2, image_size=8, num_patches=6, dim=16)
+    vit = ViT(image_size=8, channels=1, dim=16, depth=1, heads=2, patch_size=2, selector=selector)
+    vit(torch.rand(4, 1, 8, 8)).pow(2).sum().backward()
+    assert selector.halt_head[1].weight.grad.abs().sum() > 0
+
+
+def test_view_matches_pair_selected_patches_and_skip_untaken_ones():
+    selector = build_patch_selector(PatchesConfig(name="random", num_patches=5), patch_size=2, image_size=8, dim=16)
+    vit = ViT(image_size=8, channels=1, dim=16, depth=1, heads=2, patch_size=2, selector=selector)
+    centres = torch.tensor([[[1.0, 1.0], [4.0, 4.0], [6.0, 1.0], [2.0, 6.0], [5.5, 5.5]]])
+    shifted = centres[:, [2, 0, 1, 4, 3]] + 0.4  # view 2: the same places, another order, 0.4 px away
+    mask = torch.tensor([[True, True, False, True, True]])
+    identity = torch.eye(3)[None]
+    m12, m21 = view_matches(vit.patch_embed, identity, identity, [Patches(None, centres), Patches(None, shifted, mask)])
+    assert m12.partner.tolist() == [[1, 0, 0, 4, 3]] and m12.valid.tolist() == [[True, False, True, True, True]]  # view-2 patch 2 not taken
+    assert m21.valid.tolist() == [[True, True, False, True, True]] and m21.partner[0, [0, 1, 3, 4]].tolist() == [2, 0, 4, 3]
+    with pytest.raises(ValueError, match="record"):
+        view_matches(vit.patch_embed, identity, identity)
+
+
+def test_record_patches_keeps_each_forward_in_order():
+    selector = build_patch_selector(PatchesConfig(name="random", num_patches=3), patch_size=2, image_size=8, dim=16)
+    vit = ViT(image_size=8, channels=1, dim=16, depth=1, heads=2, patch_size=2, selector=selector)
+    with record_patches(vit) as recorded:
+        vit(torch.zeros(2, 1, 8, 8))
+        vit(torch.zeros(2, 1, 8, 8))
+    assert len(recorded) == 2 and not torch.equal(recorded[0].centres, recorded[1].centres)
+    assert vit.patch_embed.recorded_patches is None and torch.equal(vit.last_patches.centres, recorded[1].centres)
+
+
+def test_halting_selection_refuses_layerwise_schedules():
+    cfg = OmegaConf.structured(PretrainConfig())
+    cfg.model.patch_size = 2
+    cfg.patches.name = "sequential"
+    cfg.schedule.name = "layerwise"
+    with pytest.raises(ConfigError, match="end_to_end"):
+        build_backbone(cfg, image_size=8, channels=1)
+
+
+@pytest.mark.parametrize("name", PATCH_SELECTORS.names())
+def test_a_routed_pretraining_step_runs_with_consistency_for_every_selector(tmp_path, pretrain_cfg, name):
+    overrides = [
+        f"patches={name}",
+        "patches.num_patches=9",
+        "model.moe_layers=[1]",
+        "model.num_experts=4",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1",
+        "trainer.log_every_n_steps=1",
+        "data.train_subset=128",
+        "data.batch_size=64",
+    ]
+    run = run_pretrain(pretrain_cfg(overrides), tmp_path / name)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 1 and 0 <= metrics["routing_agreement"] <= 1
+    logged = (run / "logs" / "metrics.csv").read_text()
+    assert "routing_consistency" in logged and (("ponder_cost" in logged) == (name == "sequential"))
