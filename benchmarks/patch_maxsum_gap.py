@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from ssroute.patches.base import overlaps
-from ssroute.patches.maxsum import EntropyMaxSum, greedy_nms, strip_dp
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ssroute.patches.base import overlaps  # noqa: E402
+from ssroute.patches.maxsum import EntropyMaxSum, greedy_nms, strip_dp  # noqa: E402
 
 CASES = [(8, 3, 2), (8, 3, 3), (8, 3, 4), (10, 3, 4), (8, 2, 4), (12, 4, 4)]  # (image side, patch side, N)
 
