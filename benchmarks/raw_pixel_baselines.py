@@ -5,7 +5,10 @@ usual Fashion-MNIST baseline), ssroute's weighted cosine kNN (k=20, T=0.07, the
 protocol behind ``knn_top1``) and ssroute's linear probe (the protocol behind
 ``linear_top1``).
 
-    python benchmarks/raw_pixel_baselines.py [--datasets digits fashion_mnist]
+    python benchmarks/raw_pixel_baselines.py [--datasets digits fashion_mnist] [--train-subset 10000]
+
+``--train-subset N`` adds a row per dataset with the first N training images
+(``data.train_subset=N``), the baseline for runs with that budget.
 
 Writes benchmarks/results/raw_pixel_baselines.{json,md}.
 """
@@ -30,8 +33,8 @@ from ssroute.eval.linear import linear_probe_accuracy
 RESULTS = Path(__file__).parent / "results"
 
 
-def baselines(name: str) -> dict[str, float]:
-    data = build_data(OmegaConf.structured(DataConfig(name=name)), seed=0)
+def baselines(name: str, train_subset: int | None = None) -> dict[str, float]:
+    data = build_data(OmegaConf.structured(DataConfig(name=name, train_subset=train_subset)), seed=0)
     train_x = data.train.images.flatten(1).float() / 255.0
     test_x = data.test.images.flatten(1).float() / 255.0
     train_y, test_y = data.train.labels, data.test.labels
@@ -50,11 +53,14 @@ def baselines(name: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["digits", "fashion_mnist"])
+    parser.add_argument("--train-subset", type=int, default=None, help="also run with only the first N training images")
     args = parser.parse_args()
     torch.set_num_threads(2)
     results = {name: baselines(name) for name in args.datasets}
+    if args.train_subset:
+        results.update({f"{name} (first {args.train_subset} train)": baselines(name, args.train_subset) for name in args.datasets})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads", "command": "python benchmarks/raw_pixel_baselines.py"}
+    meta = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads", "command": "python benchmarks/raw_pixel_baselines.py" + (f" --train-subset {args.train_subset}" if args.train_subset else "")}
     (RESULTS / "raw_pixel_baselines.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     lines = [
         "# Raw-pixel baselines",
