@@ -117,8 +117,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], 
         enable_progress_bar=t.progress_bar,
         log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches,
-        check_val_every_n_epoch=check_val_every_n_epoch,
-        limit_val_batches=None if check_val_every_n_epoch else 0,
+        # None = no validation inside fit; the final trainer.validate() must still see every batch,
+        # which limit_val_batches=0 would silently skip
+        check_val_every_n_epoch=check_val_every_n_epoch or t.max_epochs + 1,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # our samplers shard by rank themselves
         deterministic=False,

@@ -88,6 +88,7 @@ def test_callback_records_a_snapshot_every_n_steps_and_at_both_ends(straight_run
     assert experts.shape == (4, 256 * 16) and history["probe_split"] == "test" and history["tokens_per_image"] == 16
     assert 0 <= int(experts.min()) and int(experts.max()) < 4
     metrics = json.loads((straight_run / "metrics.json").read_text())
+    assert "linear_top1" in metrics  # trainer.knn_every_n_epochs=0 must not skip the final evaluation
     expected = fluctuation_metrics(history["experts"], history["steps"])
     assert {k: metrics[k] for k in expected} == expected
     assert {"routing_fluctuation", "block1/routing_fluctuation", "block1/routing_last_change_step_mean"} <= expected.keys()
