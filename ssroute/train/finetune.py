@@ -76,7 +76,9 @@ def merge_model_config(cfg: DictConfig, pretrained: dict[str, Any], overrides: l
     with open_dict(cfg):
         for section in ARCHITECTURE:
             if section in pretrained:
-                cfg[section] = OmegaConf.create(pretrained[section]) if section != "model" else OmegaConf.merge(cfg.model, pretrained["model"])
+                # typed sections (model, patches) merge into their schema; router/experts options replace the defaults whole
+                typed = section in ("model", "patches")
+                cfg[section] = OmegaConf.merge(cfg[section], pretrained[section]) if typed else OmegaConf.create(pretrained[section])
 
 
 def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
