@@ -161,6 +161,7 @@ class PretrainConfig:
     seed: int = 0  # seeds weights, data order and augmentations
     resume: Any = False  # true: resume the newest unfinished run; a run folder path: resume that run
     eval_batch_size: int = 512  # batch size for feature extraction in evaluation
+    evaluate: bool = True  # at the end, run ssroute.evaluate (EvaluateConfig defaults) into <run>/eval/
 
 
 @dataclass
@@ -180,6 +181,27 @@ class FinetuneConfig:
     seed: int = 0  # seeds the head, the label subset and data order
     resume: Any = False  # as in pretraining
     eval_batch_size: int = 512  # batch size for evaluation
+    evaluate: bool = True  # at the end, run ssroute.evaluate (EvaluateConfig defaults) into <run>/eval/
+
+
+@dataclass
+class EvaluateConfig:
+    """``python -m ssroute.evaluate checkpoint=PATH`` (ssroute/evaluate.py, docs/evaluation.md); the end-of-run evaluation uses these defaults."""
+
+    checkpoint: str | None = None  # pretraining or fine-tuning run folder, .ckpt file, or latest (newest finished pretraining run)
+    out: str | None = None  # output folder; null = <run>/eval
+    data: DataConfig = field(default_factory=DataConfig)  # ignored unless data=NAME or data.key=value is given: the run's own data by default
+    protocols: list[str] | None = None  # subset of ssroute.evaluate.PROTOCOLS; null = every one the data and model support
+    knn_k: int = 20  # neighbours of the weighted kNN (DINO's k)
+    knn_temperature: float = 0.07  # vote temperature of the weighted kNN (DINO's)
+    fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])  # labelled images per class of the few-shot protocol
+    fewshot_draws: int = 5  # seeded support draws averaged per shot count (cost: one nearest-class-mean fit each)
+    block_linear: bool = True  # per-block probes also fit a linear probe per block (the slow part); false = kNN only
+    stability_pairs: int = 1  # augmentation pairs per image per setting in routing stability (cost scales with it)
+    stability_strengths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5])  # augmentation strengths of the stability curve (1 = the run's)
+    max_routing_images: int = 256  # held-out images used by routing stability, analytics and plots
+    batch_size: int = 512  # images per forward pass
+    seed: int = 0  # seeds few-shot draws, augmentation pairs and probe splits
 
 
 def register_configs() -> None:
@@ -189,6 +211,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="finetune_schema", node=FinetuneConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -21,6 +21,7 @@ TINY = [
     "model.dim=32",
     "model.depth=2",
     "data.batch_size=128",
+    "evaluate=false",  # the end-of-run evaluation has its own tests (tests/test_evaluate_command.py)
 ]
 
 

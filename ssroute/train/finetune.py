@@ -103,7 +103,7 @@ def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     if not data.labeled:
         raise ConfigError(f"data {cfg.data.name} at {cfg.data.root} has no labels (no class subfolders); fine-tuning needs a labelled dataset, e.g. data=image_folder with one subfolder per class.")
     if backbone_state is not None:
-        _check_data_fits(cfg, data, backbone_state)
+        check_data_fits(cfg.data.name, data, backbone_state, cfg.model.patch_size)
     train_set = data.probe_train
     if cfg.labels_fraction < 1.0:
         train_set = train_set.subset(label_subset(train_set.labels, cfg.labels_fraction, cfg.seed))
@@ -133,14 +133,19 @@ def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)
         log.info("metrics: %s", metrics)
+        if cfg.get("evaluate", True):  # configs saved before the flag existed evaluate too
+            from ssroute.evaluate import evaluate_run
+
+            evaluate_run(run_dir)
     return run_dir
 
 
-def _check_data_fits(cfg: DictConfig, data, backbone_state: dict[str, torch.Tensor]) -> None:
+def check_data_fits(data_name: str, data, backbone_state: dict[str, torch.Tensor], patch_size: int) -> None:
+    """Channels and image size of ``data`` against the checkpoint's weights and patch size (fine-tuning and evaluation)."""
     weight = backbone_state.get("patch_embed.proj.weight")
     if weight is not None and weight.shape[1] != data.channels:
         raise ConfigError(
-            f"the checkpoint expects {weight.shape[1]}-channel images but data={cfg.data.name} has {data.channels}; fine-tune on data like the pretraining data."
+            f"the checkpoint expects {weight.shape[1]}-channel images but data={data_name} has {data.channels}; use data like the pretraining data."
         )
-    if data.image_size % cfg.model.patch_size:
-        raise ConfigError(f"data={cfg.data.name} images ({data.image_size}px) are not divisible by the checkpoint's patch size {cfg.model.patch_size}.")
+    if data.image_size % patch_size:
+        raise ConfigError(f"data={data_name} images ({data.image_size}px) are not divisible by the checkpoint's patch size {patch_size}.")

@@ -1,4 +1,4 @@
-"""``run_pretrain(cfg)``: data -> checks -> Lightning fit -> final evaluation -> metrics.json."""
+"""``run_pretrain(cfg)``: data -> checks -> Lightning fit -> final evaluation -> metrics.json -> eval/ (``evaluate=true``)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,10 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)
         log.info("metrics: %s", metrics)
+        if cfg.get("evaluate", True):  # configs saved before the flag existed evaluate too
+            from ssroute.evaluate import evaluate_run
+
+            evaluate_run(run_dir)
     return run_dir
 
 
