@@ -14,6 +14,8 @@ CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 # A budget that exercises every code path on digits in a few seconds.
 TINY = [
+    "model=vit_tiny",  # the dense ViT; tests that need routing or a stack say so
+    "schedule=end_to_end",
     "trainer.max_epochs=2",
     "trainer.progress_bar=false",
     "trainer.knn_every_n_epochs=1",

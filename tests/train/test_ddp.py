@@ -13,7 +13,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     result = subprocess.run(
         [
             sys.executable, "-m", "pretrain", "trainer=ddp_cpu", "trainer.max_epochs=2", "trainer.knn_every_n_epochs=1",
-            "trainer.progress_bar=false", "model.dim=32", "model.depth=2", "data.batch_size=64", f"hydra.run.dir={run}",
+            "trainer.progress_bar=false", "model=vit_tiny", "schedule=end_to_end", "model.dim=32", "model.depth=2", "data.batch_size=64", f"hydra.run.dir={run}",
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=400,
     )
