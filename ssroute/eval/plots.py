@@ -274,7 +274,9 @@ def write_all_plots(
         written.append(plot_routing_maps(out / "routing_maps.png", backbone, images_uint8, normalize))
         if augment is not None and not isinstance(augment, ViewAugment):
             channels = images_uint8.shape[1]
-            augment = ViewAugment(as_augment_config(augment), channels, images_uint8.shape[-1], *normalisation_of(normalize, channels))
+            augment = ViewAugment(
+                as_augment_config(augment), channels, images_uint8.shape[-1], *normalisation_of(normalize, channels, images_uint8.device)
+            )
         if augment is not None:
             written.append(plot_view_links(out / "view_links.png", backbone, augment.to(images_uint8.device), images_uint8))
     if analytics is not None and analytics.blocks:

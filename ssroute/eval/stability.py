@@ -116,9 +116,11 @@ def scale_augment(run: AugmentConfig, strength: float) -> AugmentConfig:
     )
 
 
-def normalisation_of(normalize: Callable[[Tensor], Tensor], channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of an affine ``uint8 -> (x/255 - mean) / std`` normaliser, read off its values at 0 and 255."""
-    probe = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, channels, 1, 1)
+def normalisation_of(
+    normalize: Callable[[Tensor], Tensor], channels: int, device: torch.device | str = "cpu"
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of an affine ``uint8 -> (x/255 - mean) / std`` normaliser on ``device``, read off its values at 0 and 255."""
+    probe = torch.tensor([0, 255], dtype=torch.uint8, device=device).view(2, 1, 1, 1).expand(2, channels, 1, 1)
     zero, one = normalize(probe).double().view(2, channels).cpu()
     std = 1.0 / (one - zero)
     return tuple((-zero * std).tolist()), tuple(std.tolist())
@@ -192,7 +194,7 @@ def augmentation_stability(
         )
     run = as_augment_config(augment_cfg)
     channels, size = images_uint8.shape[1], images_uint8.shape[-1]
-    mean, std = normalisation_of(normalize, channels)
+    mean, std = normalisation_of(normalize, channels, images_uint8.device)
 
     def stats(cfg: AugmentConfig) -> dict[str, float]:
         augment = ViewAugment(cfg, channels, size, mean, std).to(images_uint8.device)
