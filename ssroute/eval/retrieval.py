@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+logging.getLogger("PML").setLevel(logging.WARNING)  # pml logs every k-NN search at INFO
 
 METRICS = {"precision_at_1": "precision_at_1", "mean_average_precision_at_r": "map_at_r"}  # pml name -> our key
 
@@ -38,8 +39,8 @@ def retrieval_metrics(
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
     from pytorch_metric_learning.utils.inference import FaissKNN
 
-    # k=None: pml retrieves as many neighbours as the largest class has references, which MAP@R needs
-    calculator = AccuracyCalculator(include=tuple(METRICS), k=None, knn_func=FaissKNN(), device=torch.device("cpu"))
+    # max_bin_count: as many neighbours as the largest class has references (R), all MAP@R needs
+    calculator = AccuracyCalculator(include=tuple(METRICS), k="max_bin_count", knn_func=FaissKNN(), device=torch.device("cpu"))
     scores = calculator.get_accuracy(
         F.normalize(query.float().cpu(), dim=1),
         query_labels.cpu(),
