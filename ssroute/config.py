@@ -139,7 +139,7 @@ class TrainerConfig:
     precision: str = "32-true"  # Lightning precision string (bf16-mixed on recent GPUs)
     checkpoint_every_n_steps: int = 100  # write checkpoints/last.ckpt every this many steps (and at the end)
     knn_every_n_epochs: int = 1  # online kNN accuracy every this many epochs (0 = off)
-    fluctuation_every_n_steps: int = 25  # MoE models: top-1 routing snapshot of a fixed probe set every this many steps (0 = off); digits' 500 default steps give 21
+    fluctuation_every_n_steps: int = 25  # MoE models: top-1 routing snapshot of a fixed probe set every this many steps (0 = off); digits has 5 steps per epoch
     progress_bar: bool = True  # Lightning's progress bar
     log_every_n_steps: int = 10  # CSV/TensorBoard logging period
     limit_train_batches: Any = None  # Lightning's limit (int batches or float share); None = all
