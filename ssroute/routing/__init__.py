@@ -5,7 +5,7 @@ Every router registers itself in :data:`ROUTERS` on import; build one with
 :class:`Routing` (data); ``ssroute.layers.moe.MoELayer`` executes it.
 """
 
-from ssroute.routing import dynamic_k, expert_choice, hashing, selection, set_matching, soft_moe, token_choice, vq  # noqa: F401  (registration)
+from ssroute.routing import dynamic_k, expert_choice, hashing, image, selection, set_matching, soft_moe, token_choice, vq  # noqa: F401  (registration)
 from ssroute.routing.base import ROUTERS, Router, Routing, build_router, register_router
 from ssroute.routing.k_schedule import K_SCHEDULES, build_k_schedule
 

@@ -54,7 +54,7 @@ def test_hungarian_places_every_token_within_capacity(groups: int, tokens: int, 
 @FAST
 @given(groups=st.integers(1, 3), tokens=st.integers(1, 10), experts=st.integers(1, 6), data=st.data())
 def test_dynamic_and_other_routers(groups: int, tokens: int, experts: int, data) -> None:
-    name = data.draw(st.sampled_from(["top_p", "threshold", "vq", "hash", "random", "soft_moe"]))
+    name = data.draw(st.sampled_from(["top_p", "threshold", "vq", "hash", "random", "soft_moe", "image"]))
     options = {
         "top_p": {"p": data.draw(st.floats(0.05, 1.0)), "max_k": data.draw(st.integers(1, experts)), "capacity_factor": data.draw(factors)},
         "threshold": {"score": data.draw(st.sampled_from(["softmax", "relu"]))},
@@ -62,6 +62,7 @@ def test_dynamic_and_other_routers(groups: int, tokens: int, experts: int, data)
         "hash": {"key": data.draw(st.sampled_from(["position", "content"]))},
         "random": {"k": data.draw(st.integers(1, experts))},
         "soft_moe": {"slots_per_expert": data.draw(st.integers(1, 3))},
+        "image": {"k": data.draw(st.integers(1, experts))},
     }[name]
     _check(build_moe(dim=6, hidden=8, num_experts=experts, router=name, **options), groups, tokens, 6)
 

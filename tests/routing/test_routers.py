@@ -85,7 +85,10 @@ def test_layer_shape_and_router_gradients(name: str) -> None:
         for param in learned:
             assert param.grad is not None and bool(torch.isfinite(param.grad).all())
             assert bool((param.grad != 0).any()), f"no gradient reaches {name}'s router"
-    assert isinstance(moe.router, Router) and moe.router.per_token
+    assert isinstance(moe.router, Router) and moe.router.per_token == (name != "image")  # image routes whole images
+    if not moe.router.per_token:  # ... so every token of an image shares its experts
+        chosen = moe.last_routing.expert.view(IMAGES, TOKENS, -1)
+        assert bool((chosen == chosen[:, :1]).all())
 
 
 @pytest.mark.parametrize("name", ROUTERS.names())

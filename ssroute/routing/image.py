@@ -1,0 +1,152 @@
+"""Image-level routing: every token of an image goes to the experts its whole image chose.
+
+Mobile V-MoE (Daxberger et al. 2023, "Mobile V-MoEs: Scaling Down Vision
+Transformers via Sparse Mixture-of-Experts", arXiv 2309.04354) routes whole
+images instead of patches: the router sees the image's pooled representation
+(here the mean of its tokens), picks ``k`` experts, and all of the image's
+tokens run through them — a per-image choice of sub-network continuation. The
+router can also be trained to predict a *super-class* of the image
+(``ssroute.routing.superclass``): a cross-entropy of its image logits to the
+super-class ids set with :meth:`ImageRouter.set_superclass_targets` joins its
+auxiliary loss.
+
+The MoE layer passes ``tokens_per_group`` = tokens per image, so a group is an
+image. The image's top-k choice is expanded to (token, expert, weight) triples,
+which the one sort-and-gather execution path runs unchanged; ``probs`` repeats
+the image's distribution on each of its tokens, and :class:`ImageRouting` also
+carries it once per image (``image_probs``) for image-level losses.
+
+Shapes: tokens ``[images * tokens, dim]`` -> pooled ``[images, dim]`` -> logits
+``[images, experts]`` -> pairs ``[images * tokens * k]``. No capacity limit: an
+image is never split, so nothing is dropped.
+
+>>> import torch
+>>> router = ImageRouter(dim=8, num_experts=4, k=2)
+>>> routing = router(torch.randn(3 * 5, 8), tokens_per_group=5)
+>>> routing.image_probs.shape, routing.token.shape, int(routing.num_dropped)
+(torch.Size([3, 4]), torch.Size([30]), 0)
+>>> bool((routing.expert.view(3, 5, 2) == routing.expert.view(3, 5, 2)[:, :1]).all())  # one choice per image
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssroute.routing.base import Router, Routing, check_k, register_router, sparse_routing
+from ssroute.routing.losses import balance_losses
+from ssroute.routing.ops import top_experts
+
+
+@dataclass
+class ImageRouting(Routing):
+    """A :class:`Routing` decided per image; ``image_probs`` ``[images, experts]`` is each image's distribution."""
+
+    image_probs: Tensor | None = None
+
+
+@register_router("image")
+class ImageRouter(Router):
+    """Top-k experts per image from the mean of its tokens (Mobile V-MoE).
+
+    Args:
+        dim: token width.
+        num_experts: number of experts ``E``.
+        k: experts per image (settable later with :meth:`set_k`).
+        noise_std: std of Gaussian noise on the image logits in training;
+            None = ``1 / E`` (V-MoE's default), 0 = off.
+        importance_weight: weight of the importance loss over images.
+        load_weight: weight of the load loss over images.
+        z_loss_weight: weight of the router z-loss.
+        normalize_weights: rescale an image's kept top-k gates to sum to 1.
+    """
+
+    per_token = False
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int = 1,
+        noise_std: float | None = None,
+        importance_weight: float = 0.005,
+        load_weight: float = 0.005,
+        z_loss_weight: float = 0.0,
+        normalize_weights: bool = False,
+    ) -> None:
+        super().__init__(dim, num_experts)
+        self.k = check_k(self.name, k, num_experts)
+        self.noise_std = 1.0 / num_experts if noise_std is None else float(noise_std)
+        self.importance_weight = importance_weight
+        self.load_weight = load_weight
+        self.z_loss_weight = z_loss_weight
+        self.normalize_weights = normalize_weights
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        # super-class training (ssroute.routing.superclass): per-image targets of the next training forwards
+        self.superclass_targets: Tensor | None = None
+        self.superclass_weight = 0.0
+        self.last_superclass_loss: Tensor | None = None
+        self.last_superclass_accuracy: Tensor | None = None
+
+    def set_k(self, k: int) -> None:
+        self.k = check_k(self.name, k, self.num_experts)
+
+    def experts_per_token(self, tokens_per_group: int) -> float:
+        return float(self.k)
+
+    def flops_per_token(self, tokens_per_group: int) -> float:
+        # the mean pool adds each token once; the gate runs once per image, shared by its tokens
+        return float(self.dim) + 2.0 * self.dim * self.num_experts / tokens_per_group
+
+    def set_superclass_targets(self, targets: Tensor | None, weight: float = 1.0) -> None:
+        """Train towards ``targets`` ``[images]`` (super-class ids) in the following training forwards; None stops."""
+        self.superclass_targets, self.superclass_weight = targets, float(weight)
+        if targets is not None:
+            self.last_superclass_loss = self.last_superclass_accuracy = None
+
+    def forward(self, tokens: Tensor, tokens_per_group: int | None = None) -> ImageRouting:
+        n = self.group_size(tokens, tokens_per_group)
+        images = tokens.shape[0] // n
+        logits = self.gate(tokens.reshape(images, n, self.dim).mean(dim=1))
+        noisy = logits
+        if self.training and self.noise_std > 0:
+            noisy = logits + torch.randn_like(logits) * self.noise_std
+        image_probs = torch.softmax(noisy.float(), dim=-1).to(logits.dtype)
+        with torch.no_grad():
+            chosen = top_experts(noisy.detach(), self.k)  # [images, k]
+        gates = image_probs.gather(1, chosen)
+        if self.normalize_weights:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        # token t of image i takes image i's k choices, pairs ordered token-major like token choice's
+        token = torch.arange(images * n, device=tokens.device).repeat_interleave(self.k)
+        expert = chosen.repeat_interleave(n, dim=0).reshape(-1)
+        weight = gates.repeat_interleave(n, dim=0).reshape(-1)
+        aux = balance_losses(
+            logits,
+            image_probs,
+            chosen,
+            noisy_logits=noisy,
+            noise_std=self.noise_std if self.training else 0.0,
+            importance_weight=self.importance_weight,
+            load_weight=self.load_weight,
+            z_loss_weight=self.z_loss_weight,
+        )
+        aux = aux + self._superclass_loss(noisy, images)
+        probs = image_probs.repeat_interleave(n, dim=0)
+        base = sparse_routing(probs, token, expert, weight, n, aux)
+        return ImageRouting(**{name: getattr(base, name) for name in base.__dataclass_fields__}, image_probs=image_probs)
+
+    def _superclass_loss(self, logits: Tensor, images: int) -> Tensor:
+        targets = self.superclass_targets
+        if targets is None or not self.training or not torch.is_grad_enabled():
+            return logits.new_zeros(())
+        if targets.shape != (images,):
+            raise ValueError(f"super-class targets have shape {tuple(targets.shape)} but the forward routes {images} images")
+        loss = F.cross_entropy(logits.float(), targets)
+        self.last_superclass_loss = loss.detach()
+        self.last_superclass_accuracy = (logits.detach().argmax(dim=-1) == targets).float().mean()
+        return self.superclass_weight * loss
