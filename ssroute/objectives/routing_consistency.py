@@ -110,3 +110,39 @@ def routing_consistency_loss(
     if balance == "entropy":
         loss = loss - entropy_weight * 0.5 * (usage_entropy(probs1, valid12) + usage_entropy(probs2, valid21))
     return loss
+
+
+def image_routing_consistency_loss(
+    probs1: Tensor,
+    probs2: Tensor,
+    temperature: float = 0.1,
+    balance: str = "sinkhorn",
+    entropy_weight: float = 1.0,
+) -> Tensor:
+    """The same swapped prediction for routers that route whole images: both views of an image are partners.
+
+    Balanced targets equalise expert usage over the batch's images.
+
+    >>> import torch
+    >>> p = 0.1 + 0.7 * torch.eye(3).repeat(2, 1)  # 6 images, balanced over 3 experts
+    >>> bool(image_routing_consistency_loss(p, p) < image_routing_consistency_loss(p, p.roll(1, dims=-1)))
+    True
+
+    Args:
+        probs1: ``[batch, experts]`` routing distribution of each image in view 1.
+        probs2: ``[batch, experts]`` the same images in view 2.
+        temperature, balance, entropy_weight: as for :func:`routing_consistency_loss`.
+    """
+    itself = torch.zeros(probs1.shape[0], 1, dtype=torch.long, device=probs1.device)
+    valid = torch.ones_like(itself, dtype=torch.bool)
+    return routing_consistency_loss(
+        probs1.unsqueeze(1),
+        probs2.unsqueeze(1),
+        itself,
+        valid,
+        itself,
+        valid,
+        temperature=temperature,
+        balance=balance,
+        entropy_weight=entropy_weight,
+    )

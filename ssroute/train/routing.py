@@ -18,9 +18,10 @@ from ssroute.data.correspondence import Correspondence, grid_correspondence, nea
 from ssroute.eval.routing_stability import RoutingStabilityMeter
 from ssroute.layers.moe import MoELayer
 from ssroute.layers.patch_embed import PatchEmbed
-from ssroute.objectives.routing_consistency import routing_consistency_loss
+from ssroute.objectives.routing_consistency import image_routing_consistency_loss, routing_consistency_loss
 from ssroute.patches.base import Patches
 from ssroute.routing import Routing
+from ssroute.routing.image import ImageRouting
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,14 @@ def per_image(routing: Routing, batch: int) -> Tensor:
 
 
 def consistent_layers(model: nn.Module) -> list[str]:
-    """Names of MoE layers whose routers learn a distribution (hash and random ones are skipped)."""
+    """Names of MoE layers whose routers learn a distribution (hash and random ones are skipped).
+
+    Routers of whole images (``per_token = False``) are included: they take the image-level loss.
+    """
     names, skipped = [], []
     for name, module in model.named_modules():
         if isinstance(module, MoELayer):
-            (names if module.router.learned and module.router.per_token else skipped).append(name)
+            (names if module.router.learned else skipped).append(name)
     if skipped:
         log.info("routing consistency skips %s: their routers have no learned distribution", ", ".join(skipped))
     return names
@@ -76,17 +80,22 @@ def consistent_layers(model: nn.Module) -> list[str]:
 def consistency_loss(
     recorded: dict[str, list[Routing]], layers: list[str], matches: tuple[Correspondence, Correspondence], batch: int, cfg
 ) -> Tensor | None:
-    """Mean swapped-prediction loss over ``layers`` between the first two recorded views."""
+    """Mean swapped-prediction loss over ``layers`` between the first two recorded views.
+
+    Patches are partnered by ``matches``; routings of whole images (:class:`ImageRouting`) take the
+    image-level variant, where the two views of an image are partners.
+    """
     m12, m21 = matches
-    losses = [
-        routing_consistency_loss(
-            per_image(recorded[name][0], batch), per_image(recorded[name][1], batch),
-            m12.partner, m12.valid, m21.partner, m21.valid,
-            temperature=cfg.temperature, balance=cfg.balance, entropy_weight=cfg.entropy_weight,
+    options = {"temperature": cfg.temperature, "balance": cfg.balance, "entropy_weight": cfg.entropy_weight}
+
+    def layer_loss(first: Routing, second: Routing) -> Tensor:
+        if isinstance(first, ImageRouting):
+            return image_routing_consistency_loss(first.image_probs, second.image_probs, **options)
+        return routing_consistency_loss(
+            per_image(first, batch), per_image(second, batch), m12.partner, m12.valid, m21.partner, m21.valid, **options
         )
-        for name in layers
-        if len(recorded.get(name, [])) >= 2
-    ]
+
+    losses = [layer_loss(*recorded[name][:2]) for name in layers if len(recorded.get(name, [])) >= 2]
     return torch.stack(losses).mean() if losses else None
 
 
