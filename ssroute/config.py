@@ -114,6 +114,15 @@ class ConsistencyConfig:
 
 
 @dataclass
+class SuperclassConfig:
+    """Super-class training of image routers (router=image; ssroute/routing/superclass.py, docs/image_routing.md)."""
+
+    weight: float = 0.0  # weight of the router's cross-entropy to each image's super-class; 0 = off
+    checkpoint: str | None = None  # run whose features define the super-classes; null = the model itself (fine-tuning: before it trains)
+    niter: int = 20  # faiss k-means iterations
+
+
+@dataclass
 class ScheduleConfig:
     """How the stages of the stack train (ssroute/train/schedule.py)."""
 
@@ -154,6 +163,7 @@ class PretrainConfig:
     patches: PatchesConfig = field(default_factory=PatchesConfig)  # configs/patches/*.yaml: patch selection
     ssl: SSLConfig = field(default_factory=SSLConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    superclass: SuperclassConfig = field(default_factory=SuperclassConfig)  # without labels: k-means clusters of the images
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     k_schedule: dict[str, Any] = field(default_factory=dict)  # e.g. {name: linear, start: 4, end: 1, steps: 1000}; {} = fixed k
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -174,6 +184,7 @@ class FinetuneConfig:
     router: dict[str, Any] = field(default_factory=lambda: {"name": "token_choice"})  # taken from the checkpoint
     experts: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})  # taken from the checkpoint
     patches: PatchesConfig = field(default_factory=PatchesConfig)  # taken from the checkpoint
+    superclass: SuperclassConfig = field(default_factory=SuperclassConfig)  # with labels: k-means of the class-mean features
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     layer_decay: float = 1.0  # per-block learning-rate decay towards the input (1 = none)
@@ -229,6 +240,8 @@ def validate_common(cfg: Any) -> None:
     _check(cfg.trainer.max_epochs is None or cfg.trainer.max_epochs > 0, f"trainer.max_epochs={cfg.trainer.max_epochs} must be positive.")
     _check(cfg.trainer.checkpoint_every_n_steps > 0, "trainer.checkpoint_every_n_steps must be a positive integer.")
     _check(cfg.trainer.get("fluctuation_every_n_steps", 0) >= 0, "trainer.fluctuation_every_n_steps must be >= 0 (0 turns routing snapshots off).")
+    superclass = cfg.get("superclass")
+    _check(superclass is None or superclass.weight >= 0, "superclass.weight must be >= 0 (0 turns super-class routing off).")
     lo, hi = cfg.data.augment.crop_scale
     _check(0.0 < lo <= hi <= 1.0, f"data.augment.crop_scale={[lo, hi]} must satisfy 0 < low <= high <= 1.")
 

@@ -8,6 +8,8 @@ the labelled training images, fixed by seed.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -16,11 +18,14 @@ from torch import nn
 from ssroute.data import DataBundle, ImageSet
 from ssroute.data.loader import ResumableLoader
 from ssroute.data.views import ViewAugment
+from ssroute.errors import ConfigError
 from ssroute.eval.features import eval_loader, gather_unique
 from ssroute.models import build_backbone, extra_metrics
+from ssroute.routing.superclass import class_superclasses, cluster_permutation
 from ssroute.train.base import ResumableModule
 from ssroute.train.optim import build_optimizer
 from ssroute.train.pretrain_module import NonFiniteLossError
+from ssroute.train.superclass import check_superclass, log_superclass, pooled_features, superclass_targets
 
 
 class FinetuneModule(ResumableModule):
@@ -49,11 +54,25 @@ class FinetuneModule(ResumableModule):
         if self.frozen:
             self.backbone.requires_grad_(False)
         self.test_top1: float | None = None
+        self.superclass_layers = check_superclass(cfg, self.backbone) if cfg.get("superclass") and cfg.superclass.weight > 0 else {}
+        if self.superclass_layers:
+            if self.frozen:
+                raise ConfigError(
+                    "superclass.weight > 0 trains the image routers, which mode=linear freezes; use mode=full or superclass.weight=0."
+                )
+            if not cfg.checkpoint and not cfg.superclass.checkpoint:
+                raise ConfigError(
+                    "superclass.weight > 0 clusters class-mean features of a trained model; pass checkpoint=RUN or superclass.checkpoint=RUN."
+                )
+            # super-class of each class; computed when fitting starts, then kept in checkpoints so a resume reuses it
+            self.register_buffer("superclass_of", torch.full((data.num_classes,), -1, dtype=torch.long))
         self._outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def train_dataloader(self) -> ResumableLoader:
         batch = min(self.cfg.data.batch_size, len(self.train_set) // self.trainer.world_size)
-        return ResumableLoader(self.train_set, batch, self.cfg.seed, self.global_rank, self.trainer.world_size, num_workers=self.cfg.data.num_workers)
+        return ResumableLoader(
+            self.train_set, batch, self.cfg.seed, self.global_rank, self.trainer.world_size, num_workers=self.cfg.data.num_workers
+        )
 
     def val_dataloader(self):
         return eval_loader(self.data.test, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers)
@@ -65,15 +84,46 @@ class FinetuneModule(ResumableModule):
                 return self.backbone(images)
         return self.backbone(images)
 
+    def on_fit_start(self) -> None:
+        if self.superclass_layers and bool((self.superclass_of < 0).any()):
+            self.superclass_of.copy_(self.find_superclasses())
+
+    def find_superclasses(self) -> torch.Tensor:
+        """``[classes]`` super-class ids: k-means of class-mean features of the model before fine-tuning (or of
+        ``superclass.checkpoint``), numbered to agree most with the image routers' current choices."""
+        loader = eval_loader(self.train_set, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers)
+        found = pooled_features(self.backbone, loader, self.augment.normalize, self.device)
+        if self.cfg.superclass.checkpoint:
+            source = feature_backbone(self.cfg.superclass.checkpoint, self.data).to(self.device)
+            found["features"] = pooled_features(source, loader, self.augment.normalize, self.device)["features"]
+        features, labels, top1 = gather_unique(
+            self.all_gather,
+            found["features"],
+            found["labels"],
+            found["router_top1"],
+            index=found["index"],
+            world_size=self.trainer.world_size,
+        )
+        experts = self.cfg.model.num_experts
+        groups = class_superclasses(features, labels, self.data.num_classes, experts, self.cfg.superclass.niter, self.cfg.seed)
+        return cluster_permutation(groups[labels], top1, experts)[groups].to(self.device)
+
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images, labels, _ = batch
         view, _ = self.augment.view(images)
-        logits = self.head(self.features(view))
+        targets = nullcontext()
+        if self.superclass_layers:
+            targets = superclass_targets(self.superclass_layers, self.superclass_of[labels], self.cfg.superclass.weight)
+        with targets:
+            logits = self.head(self.features(view))
+        log_superclass(self, self.superclass_layers)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
         aux = None if self.frozen else self.moe_aux_loss()
         total = loss if aux is None else loss + aux
         if not torch.isfinite(total):
-            raise NonFiniteLossError(f"the loss became {total.item()} at step {self.global_step}; lower optim.lr. The last good checkpoint is kept.")
+            raise NonFiniteLossError(
+                f"the loss became {total.item()} at step {self.global_step}; lower optim.lr. The last good checkpoint is kept."
+            )
         self.log("loss", loss, prog_bar=True)
         if aux is not None:
             self.log("aux_loss", aux)
@@ -102,3 +152,13 @@ class FinetuneModule(ResumableModule):
             lr_scale = {"backbone.patch_embed": self.cfg.layer_decay ** (depth + 1)}
             lr_scale.update({f"backbone.blocks.{i}.": self.cfg.layer_decay ** (depth - i) for i in range(depth)})
         return build_optimizer(self, self.cfg.optim, steps, self.cfg.trainer.max_epochs, lr_scale)
+
+
+def feature_backbone(checkpoint: str, data: DataBundle) -> nn.Module:
+    """The backbone of another run (``superclass.checkpoint``), built from its own config, in eval mode."""
+    from ssroute.train.finetune import load_pretrained
+
+    config, state = load_pretrained(checkpoint)
+    backbone = build_backbone(OmegaConf.create(config), data.image_size, data.channels)
+    backbone.load_state_dict(state)
+    return backbone.eval().requires_grad_(False)

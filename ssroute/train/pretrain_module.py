@@ -35,6 +35,7 @@ from ssroute.train.base import ResumableModule
 from ssroute.train.optim import build_optimizer
 from ssroute.train.routing import consistency_loss, consistent_layers, measure_stability, view_matches
 from ssroute.train.schedule import SchedulePlan, StageEncoder, freeze_stages, stage_ranges
+from ssroute.train.superclass import superclass_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,10 @@ class PretrainModule(ResumableModule):
         ]
 
     # -- training ---------------------------------------------------------------------------
+    def configure_callbacks(self) -> list:
+        # super-class routing without labels (superclass.weight > 0): per-epoch image clusters as image-router targets
+        return superclass_callbacks(self.cfg, self.backbone)
+
     def current(self) -> tuple[int | str, torch.nn.Module, torch.nn.Module]:
         """(phase, encoder, objective) of the current epoch."""
         if self.plan.name == "end_to_end":
