@@ -271,7 +271,7 @@ def main() -> None:
 
     register_configs()
 
-    @hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")
+    @hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "configs"), config_name="evaluate", version_base="1.3")
     def run(cfg: DictConfig) -> None:
         quiet_third_party_logs()
         try:
