@@ -15,7 +15,6 @@ CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 # A budget that exercises every code path on digits in a few seconds.
 TINY = [
     "model=vit_tiny",  # the dense ViT; tests that need routing or a stack say so
-    "schedule=end_to_end",
     "trainer.max_epochs=2",
     "trainer.progress_bar=false",
     "trainer.knn_every_n_epochs=1",
@@ -36,7 +35,7 @@ def compose_config(name: str, overrides: list[str]):
 
 @pytest.fixture
 def pretrain_cfg():
-    return lambda overrides=(): compose_config("pretrain", [*TINY, *overrides])
+    return lambda overrides=(): compose_config("pretrain", [*TINY, "schedule=end_to_end", *overrides])
 
 
 @pytest.fixture
