@@ -29,7 +29,7 @@ SUBSET = [
 
 def finetune_config(overrides: list[str]):
     """Fine-tuning config with a tiny budget (conftest's TINY also carries pretraining-only keys)."""
-    from conftest import compose_config
+    from tests.conftest import compose_config
 
     tiny = ["trainer.max_epochs=1", "trainer.progress_bar=false", "model.dim=32", "model.depth=2"]
     return compose_config("finetune", [*tiny, *SUBSET, *overrides])
