@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from tests.conftest import compose_config
 from omegaconf import OmegaConf
 
 from ssroute.errors import ConfigError
