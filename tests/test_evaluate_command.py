@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import compose_config
 from omegaconf import OmegaConf
 
 from ssroute.errors import ConfigError
 from ssroute.evaluate import LABELLED, evaluate_checkpoint
 from ssroute.train.pretrain import run_pretrain
+from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MOE = [
