@@ -112,12 +112,22 @@ class HyperExperts(ExpertBank):
             raise ConfigError(f"experts hyper: embeddings must be [experts, {self.embed_dim}], got {list(embeddings.shape)}.")
         return self.gen_in(embeddings), self.gen_b_in(embeddings), self.gen_out(embeddings), self.gen_b_out(embeddings)
 
-    def summary_embedding(self, tokens: Tensor) -> Tensor:
-        """A new expert embedding ``[1, embed_dim]`` from tokens ``[n, dim]``: the expert embeddings
-        mixed by how strongly the tokens' mean matches each expert's generated input weights."""
-        w_in, _, _, _ = self.generate(self.embeddings)
-        affinity = torch.einsum("d,edh->e", tokens.mean(0), w_in).abs()  # [experts]
-        return (torch.softmax(affinity, 0) @ self.embeddings)[None]
+    def affinity(self, tokens: Tensor) -> Tensor:
+        """``[experts]`` how strongly each expert's hidden units fire on tokens ``[n, dim]``: the mean
+        activation magnitude ``mean |act(x w_in + b_in)|`` over tokens and hidden units.
+
+        Magnitudes, not signed pre-activations: summing pre-activations over hidden
+        units lets positive and negative responses cancel.
+        """
+        w_in, b_in, _, _ = self.generate(self.embeddings)
+        hidden = self.act(torch.einsum("nd,edh->enh", tokens, w_in) + b_in[:, None, :])  # [experts, n, hidden]
+        return hidden.abs().mean(dim=(1, 2))
+
+    def summary_embedding(self, tokens: Tensor, temperature: float = 0.1) -> Tensor:
+        """A new expert embedding ``[1, embed_dim]`` for tokens ``[n, dim]``: the expert embeddings mixed by
+        ``softmax(log affinity / temperature)`` (:meth:`affinity`), so the experts that fire most on them dominate."""
+        weights = torch.softmax(self.affinity(tokens).clamp_min(1e-12).log() / temperature, dim=0)
+        return (weights @ self.embeddings)[None]
 
     def forward_with(self, x: Tensor, sizes: list[int], context: ExpertContext | None, embeddings: Tensor) -> Tensor:
         """Run ``len(sizes)`` experts generated from ``embeddings [len(sizes), embed_dim]`` on expert-sorted rows."""

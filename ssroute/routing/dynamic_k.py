@@ -90,7 +90,7 @@ class DynamicKRouter(Router):
             token, expert = token[fits], expert[fits]
         weight = self.gates(logits, probs)[token, expert]
         aux = balance_losses(
-            logits, probs, ranked[:, :1], importance_weight=self.importance_weight,
+            logits, probs, ranked[:, :1], group_tokens=n, importance_weight=self.importance_weight,
             load_weight=self.load_weight, z_loss_weight=self.z_loss_weight,
         ) + self.extra_loss(logits, probs)  # fmt: skip
         return sparse_routing(probs, token, expert, weight, n, aux, capacity)

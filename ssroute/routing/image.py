@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ssroute.routing.base import Router, Routing, check_k, register_router, sparse_routing
 from ssroute.routing.losses import balance_losses
-from ssroute.routing.ops import top_experts
+from ssroute.routing.token_choice import check_normalize, noisy_top_k
 
 
 @dataclass
@@ -62,7 +62,7 @@ class ImageRouter(Router):
         importance_weight: weight of the importance loss over images.
         load_weight: weight of the load loss over images.
         z_loss_weight: weight of the router z-loss.
-        normalize_weights: rescale an image's kept top-k gates to sum to 1.
+        normalize_weights: rescale an image's kept top-k gates to sum to 1 (needs k >= 2).
     """
 
     per_token = False
@@ -85,6 +85,7 @@ class ImageRouter(Router):
         self.load_weight = load_weight
         self.z_loss_weight = z_loss_weight
         self.normalize_weights = normalize_weights
+        check_normalize(self.name, self.k, normalize_weights)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         # super-class training (ssroute.routing.superclass): per-image targets of the next training forwards
         self.superclass_targets: Tensor | None = None
@@ -93,6 +94,7 @@ class ImageRouter(Router):
         self.last_superclass_accuracy: Tensor | None = None
 
     def set_k(self, k: int) -> None:
+        check_normalize(self.name, k, self.normalize_weights)
         self.k = check_k(self.name, k, self.num_experts)
 
     def experts_per_token(self, tokens_per_group: int) -> float:
@@ -111,31 +113,25 @@ class ImageRouter(Router):
     def forward(self, tokens: Tensor, tokens_per_group: int | None = None) -> ImageRouting:
         n = self.group_size(tokens, tokens_per_group)
         images = tokens.shape[0] // n
+        noise = self.noise_std if self.training else 0.0
         logits = self.gate(tokens.reshape(images, n, self.dim).mean(dim=1))
-        noisy = logits
-        if self.training and self.noise_std > 0:
-            noisy = logits + torch.randn_like(logits) * self.noise_std
-        image_probs = torch.softmax(noisy.float(), dim=-1).to(logits.dtype)
-        with torch.no_grad():
-            chosen = top_experts(noisy.detach(), self.k)  # [images, k]
-        gates = image_probs.gather(1, chosen)
-        if self.normalize_weights:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
+        g = noisy_top_k(logits, self.k, noise, self.normalize_weights)  # rows are images
+        image_probs = g.probs
         # token t of image i takes image i's k choices, pairs ordered token-major like token choice's
         token = torch.arange(images * n, device=tokens.device).repeat_interleave(self.k)
-        expert = chosen.repeat_interleave(n, dim=0).reshape(-1)
-        weight = gates.repeat_interleave(n, dim=0).reshape(-1)
-        aux = balance_losses(
+        expert = g.chosen.repeat_interleave(n, dim=0).reshape(-1)
+        weight = g.gates.repeat_interleave(n, dim=0).reshape(-1)
+        aux = balance_losses(  # balance over the batch's images: an image is one row
             logits,
             image_probs,
-            chosen,
-            noisy_logits=noisy,
-            noise_std=self.noise_std if self.training else 0.0,
+            g.chosen,
+            noisy_logits=g.noisy,
+            noise_std=noise,
             importance_weight=self.importance_weight,
             load_weight=self.load_weight,
             z_loss_weight=self.z_loss_weight,
         )
-        aux = aux + self._superclass_loss(noisy, images)
+        aux = aux + self._superclass_loss(g.noisy, images)
         probs = image_probs.repeat_interleave(n, dim=0)
         base = sparse_routing(probs, token, expert, weight, n, aux)
         return ImageRouting(**{name: getattr(base, name) for name in base.__dataclass_fields__}, image_probs=image_probs)

@@ -6,7 +6,11 @@ gets the same number of tokens — the set matching DETR (Carion et al. 2020)
 uses for its loss. Per group (image) each expert offers ``capacity`` slots;
 token ``n`` matched to a slot of expert ``e`` earns ``logits[n, e]``, and the
 matching maximises the total. This is the equipartition constraint of
-SwAV-style clustering solved exactly.
+SwAV-style clustering solved exactly. With ``capacity_factor=1`` the matching
+is balanced to within one token per image: every expert takes at least
+``floor(n / E)`` and at most ``ceil(n / E)`` of the ``n`` tokens, also when ``E``
+does not divide ``n`` (a plain capacity of ``ceil(n / E)`` would allow loads
+such as ``[3, 1, 3, 3]`` for ``n = 10, E = 4``).
 
 - ``solver="exact"``: ``scipy.optimize.linear_sum_assignment`` per group on the
   ``[group_tokens, experts * capacity]`` cost matrix (CPU, one call per image);
@@ -35,10 +39,21 @@ from ssroute.routing.ops import gate_logits, softmax_experts
 from ssroute.routing.sinkhorn import sinkhorn
 
 
-def assign_exact(scores: Tensor, capacity: int) -> Tensor:
-    """Optimal assignment ``[groups, group_tokens]`` maximising the summed scores."""
+def assign_exact(scores: Tensor, capacity: int, lower: int = 0) -> Tensor:
+    """Optimal assignment ``[groups, group_tokens]`` maximising the summed scores.
+
+    Each expert has ``capacity`` slots, of which the first ``lower`` must be
+    filled (when there are tokens for them): those slots carry a bonus larger
+    than any score difference, so the optimum fills them first and is the best
+    assignment among those that do.
+    """
     groups, n, experts = scores.shape
-    cost = np.repeat(-scores.detach().double().cpu().numpy(), capacity, axis=2)  # [groups, n, experts*capacity]
+    values = scores.detach().double().cpu().numpy()
+    cost = np.repeat(-values, capacity, axis=2)  # [groups, n, experts*capacity], slot s of expert e at e*capacity + s
+    if lower > 0:
+        bonus = (values.max() - values.min() + 1.0) * (n + 1)
+        mandatory = np.arange(experts * capacity) % capacity < lower
+        cost[:, :, mandatory] -= bonus
     assigned = np.full((groups, n), -1, dtype=np.int64)
     for g in range(groups):  # one solver call per image; the solver itself is C
         rows, cols = linear_sum_assignment(cost[g])
@@ -46,13 +61,25 @@ def assign_exact(scores: Tensor, capacity: int) -> Tensor:
     return torch.from_numpy(assigned).to(scores.device)
 
 
-def assign_sinkhorn(scores: Tensor, capacity: int, num_iters: int = 20, temperature: float = 1.0) -> Tensor:
-    """Approximate balanced assignment ``[groups, group_tokens]`` from the sinkhorn plan."""
+def assign_sinkhorn(scores: Tensor, capacity: int, num_iters: int = 20, temperature: float = 1.0, lower: int = 0) -> Tensor:
+    """Approximate balanced assignment ``[groups, group_tokens]`` from the sinkhorn plan.
+
+    With ``lower > 0`` the greedy rounds first fill ``lower`` slots per expert,
+    then the remaining ``capacity - lower``, so loads stay within ``[lower, capacity]``.
+    """
     groups, n, experts = scores.shape
     preference = sinkhorn(scores.detach(), num_iters, temperature)
     assigned = torch.full((groups, n), -1, dtype=torch.long, device=scores.device)
-    room = torch.full((groups, experts), capacity, dtype=torch.long, device=scores.device)
-    group_of = torch.arange(groups, device=scores.device).view(groups, 1).expand(groups, n)
+    for room_per_expert in ((lower, capacity - lower) if lower > 0 else (capacity,)):
+        room = torch.full((groups, experts), room_per_expert, dtype=torch.long, device=scores.device)
+        assigned = _greedy_fill(preference, assigned, room)
+    return assigned
+
+
+def _greedy_fill(preference: Tensor, assigned: Tensor, room: Tensor) -> Tensor:
+    """Rounds in which every unassigned token takes its best expert with ``room [groups, experts]`` left, best first."""
+    groups, n, experts = preference.shape
+    group_of = torch.arange(groups, device=preference.device).view(groups, 1).expand(groups, n)
     for _ in range(experts + 1):  # each round fills an expert or places every waiting token
         open_pref = preference.masked_fill((room <= 0).unsqueeze(1), float("-inf"))
         value, choice = open_pref.max(dim=-1)
@@ -82,7 +109,9 @@ class HungarianRouter(Router):
         num_experts: number of experts ``E``.
         capacity_factor: slots per expert and group are
             ``ceil(capacity_factor * group_tokens / E)``; None = no limit
-            (each token simply takes its best expert).
+            (each token simply takes its best expert). At 1 (or below) every
+            expert also takes at least ``floor(group_tokens / E)`` tokens, so
+            loads differ by at most one.
         overflow: when ``E * capacity < group_tokens``: ``"error"`` (a
             ConfigError) or ``"drop"`` (unmatched tokens pass the residual).
         solver: ``"exact"``, ``"sinkhorn"`` or ``"auto"``.
@@ -123,6 +152,10 @@ class HungarianRouter(Router):
         self.z_loss_weight, self.balanced_inference = z_loss_weight, balanced_inference
         self.gate = nn.Linear(dim, num_experts, bias=False)
 
+    def lower_bound(self, group_tokens: int, capacity: int) -> int:
+        """Tokens every expert must take: ``floor(n / E)`` when the capacity is the balanced one (factor <= 1), else 0."""
+        return min(capacity, group_tokens // self.num_experts) if self.capacity_factor <= 1.0 else 0
+
     def capacity(self, group_tokens: int) -> int | None:
         capacity = expert_capacity(self.capacity_factor, 1, group_tokens, self.num_experts)
         if capacity is not None and capacity * self.num_experts < group_tokens and self.overflow == "error":
@@ -140,10 +173,11 @@ class HungarianRouter(Router):
         if capacity is not None and capacity < n:
             grouped = logits.detach().view(-1, n, self.num_experts)
             exact = self.solver == "exact" or (self.solver == "auto" and n <= self.exact_max_tokens)
+            lower = self.lower_bound(n, capacity)
             if exact:
-                assigned = assign_exact(grouped, capacity)
+                assigned = assign_exact(grouped, capacity, lower)
             else:
-                assigned = assign_sinkhorn(grouped, capacity, self.sinkhorn_iters, self.temperature)
+                assigned = assign_sinkhorn(grouped, capacity, self.sinkhorn_iters, self.temperature, lower)
             assigned = assigned.view(-1)
         else:  # greedy top-1 (inference); with room for every token the matching is greedy anyway
             assigned = logits.detach().argmax(dim=-1)

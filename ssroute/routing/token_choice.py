@@ -15,14 +15,56 @@ pairs ``[pairs]``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
+from ssroute.errors import ConfigError
 from ssroute.routing.base import Router, Routing, check_capacity_factor, check_k, register_router, sparse_routing
 from ssroute.routing.capacity import choice_order, expert_capacity, within_capacity
 from ssroute.routing.losses import balance_losses
 from ssroute.routing.ops import gate_logits, randn_like_experts, softmax_experts, top_experts
 from ssroute.routing.sinkhorn import sinkhorn
+
+
+@dataclass
+class Gating:
+    """What noisy top-k gating decided, ``[rows, experts]`` / ``[rows, k]``."""
+
+    logits: Tensor  # clean router logits
+    noisy: Tensor  # logits plus the training noise (== logits without noise)
+    probs: Tensor  # softmax of the clean logits: the router's distribution (importance loss, consistency)
+    chosen: Tensor  # [rows, k] experts picked on the noisy scores
+    gates: Tensor  # [rows, k] combine weights: the noisy softmax at the chosen experts (normalised if asked)
+    priority: Tensor  # [rows] batch priority: the largest raw (unnormalised) noisy gate
+
+
+def check_normalize(router: str, k: int, normalize_weights: bool) -> None:
+    if normalize_weights and k == 1:
+        raise ConfigError(
+            f"router {router}: normalize_weights=true with k=1 makes every combine weight 1, so the router gets no gradient "
+            "from the task; use k >= 2 or normalize_weights=false."
+        )
+
+
+def noisy_top_k(logits: Tensor, k: int, noise_std: float, normalize: bool, selection: Tensor | None = None) -> Gating:
+    """V-MoE's noisy top-k gating of ``[rows, experts]`` logits (rows are tokens, or images for image routing).
+
+    Noise (``noise_std > 0``) perturbs the choice and the combine weights, never
+    ``probs``: V-MoE computes importance on the clean gates. ``selection``
+    overrides the scores the top-k is taken on (sinkhorn token choice).
+    """
+    noisy = logits + randn_like_experts(logits) * noise_std if noise_std > 0 else logits
+    probs = softmax_experts(logits)
+    noisy_probs = softmax_experts(noisy) if noise_std > 0 else probs
+    with torch.no_grad():
+        chosen = top_experts(noisy.detach() if selection is None else selection, k)
+    gates = noisy_probs.gather(1, chosen)
+    priority = gates.detach().max(dim=-1).values  # V-MoE: the largest raw gate, taken before any normalisation
+    if normalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return Gating(logits, noisy, probs, chosen, gates, priority)
 
 
 @register_router("token_choice")
@@ -49,7 +91,9 @@ class TokenChoiceRouter(Router):
         load_weight: weight of the load loss (noisy V-MoE form, or Switch form
             without noise).
         z_loss_weight: weight of the router z-loss.
-        normalize_weights: rescale each token's kept top-k gates to sum to 1.
+        normalize_weights: rescale each token's kept top-k gates to sum to 1
+            (needs k >= 2: with k = 1 every weight would be 1 and the router
+            would get no gradient from the task).
     """
 
     def __init__(
@@ -74,50 +118,45 @@ class TokenChoiceRouter(Router):
         self.load_weight = load_weight
         self.z_loss_weight = z_loss_weight
         self.normalize_weights = normalize_weights
+        check_normalize(self.name, self.k, normalize_weights)
         self.gate = nn.Linear(dim, num_experts, bias=False)
 
     def set_k(self, k: int) -> None:
+        check_normalize(self.name, k, self.normalize_weights)
         self.k = check_k(self.name, k, self.num_experts)
 
     def experts_per_token(self, tokens_per_group: int) -> float:
         return float(self.k)
 
-    def selection_scores(self, logits: Tensor, group_tokens: int) -> Tensor:
-        """``[tokens, experts]`` scores the top-k is taken on (the logits here)."""
-        return logits
+    def selection_scores(self, logits: Tensor, group_tokens: int) -> Tensor | None:
+        """``[tokens, experts]`` scores the top-k is taken on; None = the noisy logits."""
+        return None
 
     def forward(self, tokens: Tensor, tokens_per_group: int | None = None) -> Routing:
         n = self.group_size(tokens, tokens_per_group)
+        noise = self.noise_std if self.training else 0.0
         logits = gate_logits(self.gate, tokens)
-        noisy = logits
-        if self.training and self.noise_std > 0:
-            noisy = logits + randn_like_experts(logits) * self.noise_std
-        probs = softmax_experts(noisy)
-        with torch.no_grad():
-            chosen = top_experts(self.selection_scores(noisy.detach(), n), self.k)
-        gates = probs.gather(1, chosen)
-        if self.normalize_weights:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
-        priority = gates[:, 0].detach() if self.batch_priority else None
-        pair = choice_order(chosen, n, priority)
+        g = noisy_top_k(logits, self.k, noise, self.normalize_weights, selection=self.selection_scores(logits.detach(), n))
+        pair = choice_order(g.chosen, n, g.priority if self.batch_priority else None)
         token = torch.div(pair, self.k, rounding_mode="floor")
-        expert = chosen.reshape(-1).index_select(0, pair)
+        expert = g.chosen.reshape(-1).index_select(0, pair)
         capacity = expert_capacity(self.capacity_factor, self.k, n, self.num_experts)
         if capacity is not None:
             keep = within_capacity(token, expert, n, self.num_experts, capacity).nonzero().squeeze(1)
             pair, token, expert = pair.index_select(0, keep), token.index_select(0, keep), expert.index_select(0, keep)
-        weight = gates.reshape(-1).index_select(0, pair)
+        weight = g.gates.reshape(-1).index_select(0, pair)
         aux = balance_losses(
             logits,
-            probs,
-            chosen,
-            noisy_logits=noisy,
-            noise_std=self.noise_std if self.training else 0.0,
+            g.probs,
+            g.chosen,
+            group_tokens=n,
+            noisy_logits=g.noisy,
+            noise_std=noise,
             importance_weight=self.importance_weight,
             load_weight=self.load_weight,
             z_loss_weight=self.z_loss_weight,
         )
-        return sparse_routing(probs, token, expert, weight, n, aux, capacity)
+        return sparse_routing(g.probs, token, expert, weight, n, aux, capacity)
 
 
 @register_router("sinkhorn_token_choice")

@@ -13,8 +13,12 @@ that stays cheap on a CPU at inference.
   codebook loss ``|sg(z) - c|^2``; both add ``commitment * |z - sg(c)|^2``;
 - k-means initialisation from data with faiss (:meth:`VQRouter.init_codebook`,
   or lazily on the first training batch with ``kmeans_init=True``);
-- codes whose EMA usage falls under ``restart_threshold`` restart at a random
-  token of the batch;
+- a code is dead when its recent share of the tokens (an EMA with decay
+  ``restart_decay``, fast so that restarts happen within a training stage)
+  falls under ``restart_threshold`` times the share it would get under uniform
+  use (``1 / codes``); dead codes restart at a random token of the batch.
+  Usage is kept as a share of the batch's tokens, so the threshold means the
+  same at any batch size;
 - ``probs [tokens, experts]`` is the softmax over negative mean squared
   distances divided by ``temperature``, summed over each expert's codes.
 """
@@ -56,7 +60,11 @@ class VQRouter(Router):
             ``"one"`` (a pure look-up).
         kmeans_init: initialise the codebook by faiss k-means on the first
             training batch.
-        restart_threshold: EMA usage below which a code restarts at a token.
+        restart_threshold: a code restarts at a token of the batch when its
+            recent token share falls below this fraction of the uniform share
+            ``1 / codes`` (0.1: under a tenth of its fair share).
+        restart_decay: EMA decay of the recent token share used for restarts
+            (0.9: an unused code at its fair share is restarted after ~22 steps).
         capacity_factor: optional capacity per expert (tokens fill buffers in
             order); None = no limit.
     """
@@ -75,6 +83,7 @@ class VQRouter(Router):
         gate: str = "prob",
         kmeans_init: bool = False,
         restart_threshold: float = 0.1,
+        restart_decay: float = 0.9,
         capacity_factor: float | None = None,
     ) -> None:
         super().__init__(dim, num_experts)
@@ -87,17 +96,19 @@ class VQRouter(Router):
         self.codes_per_expert, self.code_dim = codes_per_expert, code_dim
         self.update, self.decay, self.commitment = update, decay, commitment
         self.temperature, self.gate, self.kmeans_init = temperature, gate, kmeans_init
-        self.restart_threshold = restart_threshold
+        self.restart_threshold, self.restart_decay = restart_threshold, restart_decay
         self.capacity_factor = check_capacity_factor(self.name, capacity_factor)
         self.proj = nn.Linear(dim, code_dim, bias=False) if project else None
         num_codes = num_experts * codes_per_expert
         codebook = torch.randn(num_codes, code_dim)
+        fair = 1.0 / num_codes
         if update == "gradient":
             self.codebook = nn.Parameter(codebook)
         else:
             self.register_buffer("codebook", codebook)
-            self.register_buffer("code_sum", codebook.clone())
-        self.register_buffer("usage", torch.ones(num_codes))
+            self.register_buffer("code_sum", codebook * fair)  # EMA of each code's token sum / batch tokens
+        self.register_buffer("usage", torch.full((num_codes,), fair))  # EMA of each code's share of the tokens
+        self.register_buffer("recent_usage", torch.full((num_codes,), fair))  # the same, faster (restarts)
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
         self._init_checked = not kmeans_init
 
@@ -135,10 +146,12 @@ class VQRouter(Router):
                 f"router vq: codebook shape {list(codes.shape)} does not match [codes, codebook_dim]="
                 f"{list(self.codebook.shape)}; pass one row per code of width {self.code_dim}."
             )
+        fair = 1.0 / codes.shape[0]
         self.codebook.copy_(codes)
         if self.update == "ema":
-            self.code_sum.copy_(codes)
-        self.usage.fill_(1.0)
+            self.code_sum.copy_(codes * fair)
+        self.usage.fill_(fair)
+        self.recent_usage.fill_(fair)
         self.initialized.fill_(True)
         self._init_checked = True
 
@@ -147,22 +160,35 @@ class VQRouter(Router):
         # Mutate .data: a restart only moves unused codes, and bumping the version
         # counter would break a backward through an earlier forward (two views).
         num_codes = self.codebook.shape[0]
-        dead = (self.usage < self.restart_threshold).unsqueeze(1)
+        fair = 1.0 / num_codes
+        dead = (self.recent_usage < self.restart_threshold * fair).unsqueeze(1)
         fresh = z[torch.randint(z.shape[0], (num_codes,), device=z.device)]
         self.codebook.data.copy_(torch.where(dead, fresh, self.codebook.data))
-        self.usage.copy_(torch.where(dead.squeeze(1), torch.ones_like(self.usage), self.usage))
+        for stat in (self.usage, self.recent_usage):
+            stat.copy_(torch.where(dead.squeeze(1), torch.full_like(stat, fair), stat))
         if self.update == "ema":
-            self.code_sum.copy_(torch.where(dead, fresh, self.code_sum))
+            self.code_sum.copy_(torch.where(dead, fresh * fair, self.code_sum))
 
     @torch.no_grad()
     def _ema_step(self, z: Tensor, code: Tensor) -> None:
         num_codes = self.codebook.shape[0]
         # one-hot [codes, tokens] product: per-code sums in one matmul (index_add is a serial loop on CPU)
-        member = (code.unsqueeze(0) == torch.arange(num_codes, device=z.device).unsqueeze(1)).to(z.dtype)
-        self.usage.mul_(self.decay).add_(member.sum(1), alpha=1 - self.decay)
+        member = (code.unsqueeze(0) == torch.arange(num_codes, device=z.device).unsqueeze(1)).to(z.dtype) / z.shape[0]
+        share = member.sum(1)
+        self.usage.mul_(self.decay).add_(share, alpha=1 - self.decay)
+        self.recent_usage.mul_(self.restart_decay).add_(share, alpha=1 - self.restart_decay)
         if self.update == "ema":
             self.code_sum.mul_(self.decay).add_(member @ z, alpha=1 - self.decay)
-            self.codebook.copy_(self.code_sum / self.usage.clamp_min(1e-5).unsqueeze(1))
+            self.codebook.copy_(self.code_sum / self.usage.clamp_min(1e-8).unsqueeze(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints written before usage was a share (counts, no recent_usage): start both at the fair share
+        if prefix + "recent_usage" not in state_dict and prefix + "usage" in state_dict:
+            fair = torch.full_like(self.usage, 1.0 / self.usage.numel())
+            state_dict[prefix + "usage"], state_dict[prefix + "recent_usage"] = fair, fair.clone()
+            if prefix + "code_sum" in state_dict:
+                state_dict[prefix + "code_sum"] = state_dict[prefix + "codebook"] * fair[0]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, tokens: Tensor, tokens_per_group: int | None = None) -> Routing:
         n = self.group_size(tokens, tokens_per_group)

@@ -241,9 +241,10 @@ def build_schedule(cfg: DictConfig, backbone: torch.nn.Module):
     layers = [m for m in backbone.modules() if isinstance(m, MoELayer)]
     if not layers:
         raise ConfigError("k_schedule is set but the model has no MoE layer; set model.moe_layers or drop k_schedule.")
-    largest = max(int(v) for k, v in options.items() if k in ("k", "start", "end", "high"))
+    bounds = {int(v) for k, v in options.items() if k in ("k", "start", "end", "low", "high")}
     for layer in layers:
-        layer.set_k(largest)  # raises the router's own sentence when k does not fit it
+        for k in sorted(bounds):  # the smallest and the largest k the schedule reaches must fit every router
+            layer.set_k(k)  # raises the router's own sentence when k does not fit it
         layer.set_k(schedule(0))
     return schedule
 

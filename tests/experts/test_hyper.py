@@ -62,11 +62,24 @@ def test_an_interpolated_expert_runs_in_the_layer() -> None:
     assert torch.allclose(moe(x), base)  # the override ends with the block
 
 
+def _measured_flops_per_row(bank, dim: int, experts: int) -> float:
+    """FLOPs one more row per expert costs, counted by FlopCounterMode (per-forward costs such as generation cancel)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    totals = []
+    for rows in (4, 12):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            bank(torch.randn(rows * experts, dim), [rows] * experts, None)
+        totals.append(counter.get_total_flops())
+    return (totals[1] - totals[0]) / (8 * experts)
+
+
 def test_fewer_parameters_than_mlp_at_equal_flops() -> None:
     dim, hidden, experts = 64, 128, 8
     hyper = build_experts("hyper", dim=dim, hidden=hidden, num_experts=experts, embed_dim=16, rank=8)
     mlp = build_experts("mlp", dim=dim, hidden=hidden, num_experts=experts)
-    assert hyper.flops_per_row(49) == mlp.flops_per_row(49)
+    measured = _measured_flops_per_row(hyper, dim, experts)
+    assert measured == _measured_flops_per_row(mlp, dim, experts) == hyper.flops_per_row(49) == mlp.flops_per_row(49)
     params = lambda bank: sum(p.numel() for p in bank.parameters())  # noqa: E731
     assert params(hyper) < params(mlp) / 2
     assert hyper.params_per_expert() == 16 and hyper.shared_params() == params(hyper) - experts * 16
@@ -78,3 +91,21 @@ def test_bad_options() -> None:
     bank = build_experts("hyper", dim=8, hidden=16, num_experts=2, embed_dim=4)
     with pytest.raises(ConfigError, match="2 row blocks but 1 embeddings"):
         bank.forward_with(torch.randn(3, 8), [1, 2], None, bank.embeddings[:1])
+
+
+def test_the_expert_built_for_a_cluster_has_the_highest_affinity_and_dominates_its_summary() -> None:
+    torch.manual_seed(0)
+    bank = build_experts("hyper", dim=8, hidden=16, num_experts=4, embed_dim=4, rank=None)
+    with torch.no_grad():  # expert i (embedding e_i) gets w_in = u_i x 1: every hidden unit detects direction u_i = e_i
+        bank.embeddings.copy_(torch.eye(4))
+        bank.gen_in.full.copy_(torch.eye(4, 8).repeat_interleave(16, dim=1))
+        bank.gen_b_in.weight.zero_()
+        bank.gen_b_in.bias.zero_()
+    for target in range(4):
+        # a cluster at +-3 u_target: the expert fires on half of it, and its signed responses over the cluster cancel
+        sign = torch.tensor([1.0, -1.0]).repeat(16)[:, None]
+        cluster = sign * 3.0 * torch.eye(8)[target] + 0.05 * torch.randn(32, 8)
+        affinity = bank.affinity(cluster).detach()
+        assert int(affinity.argmax()) == target and float(affinity[target]) > 5 * float(affinity.sort().values[-2])
+        summary = bank.summary_embedding(cluster)[0]
+        assert int((bank.embeddings - summary).norm(dim=1).argmin()) == target

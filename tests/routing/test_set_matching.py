@@ -12,11 +12,11 @@ from ssroute.routing import build_router
 from ssroute.routing.set_matching import assign_exact, assign_sinkhorn
 
 
-def _brute_force(scores: torch.Tensor, capacity: int) -> float:
+def _brute_force(scores: torch.Tensor, capacity: int, lower: int = 0) -> float:
     tokens, experts = scores.shape
     best = -float("inf")
     for assignment in itertools.product(range(experts), repeat=tokens):
-        if max(assignment.count(e) for e in range(experts)) <= capacity:
+        if lower <= min(assignment.count(e) for e in range(experts)) and max(assignment.count(e) for e in range(experts)) <= capacity:
             best = max(best, sum(scores[t, e].item() for t, e in enumerate(assignment)))
     return best
 
@@ -29,12 +29,24 @@ def test_router_matching_is_optimal_and_balanced(tokens: int, experts: int, seed
     routing = router(x, tokens_per_group=tokens)
     capacity = -(-tokens // experts)
     assert routing.capacity == capacity and int(routing.num_dropped) == 0
-    assert int(routing.group_loads().max()) <= capacity
+    assert int(routing.group_loads().max()) <= capacity and int(routing.group_loads().min()) >= tokens // experts
     logits = router.gate(x).detach()
     for g in range(2):
         mine = routing.token // tokens == g
         total = logits[routing.token[mine], routing.expert[mine]].sum().item()
-        assert total == pytest.approx(_brute_force(logits[g * tokens : (g + 1) * tokens], capacity), abs=1e-4)
+        best = _brute_force(logits[g * tokens : (g + 1) * tokens], capacity, lower=tokens // experts)
+        assert total == pytest.approx(best, abs=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["exact", "sinkhorn"])
+@pytest.mark.parametrize(("tokens", "experts"), [(10, 4), (13, 4), (49, 8), (7, 3)])
+def test_loads_differ_by_at_most_one_when_experts_do_not_divide_the_tokens(solver: str, tokens: int, experts: int) -> None:
+    torch.manual_seed(tokens)
+    router = build_router("hungarian", dim=8, num_experts=experts, capacity_factor=1.0, solver=solver)
+    x = torch.randn(6 * tokens, 8) + 2.0  # a shared offset: most tokens prefer the same expert
+    loads = router(x, tokens_per_group=tokens).group_loads()
+    assert int(loads.sum()) == 6 * tokens
+    assert bool(((loads.max(dim=1).values - loads.min(dim=1).values) <= 1).all()), loads.tolist()
 
 
 def test_exactly_balanced_when_tokens_divide() -> None:

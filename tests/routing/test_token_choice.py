@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ssroute.errors import ConfigError
 from ssroute.routing import build_router
 from ssroute.routing.losses import importance_loss, noisy_load_loss, switch_load_loss, z_loss
 
@@ -48,7 +49,7 @@ def test_second_choices_queue_behind_first_choices() -> None:
 
 
 def test_top_k_without_capacity_keeps_k_per_token() -> None:
-    router = build_router("token_choice", dim=8, num_experts=6, k=3, capacity_factor=None)
+    router = build_router("token_choice", dim=8, num_experts=6, k=3, capacity_factor=None, noise_std=0.0)
     routing = router(torch.randn(20, 8))
     assert routing.experts_per_token().tolist() == [3] * 20
     top = torch.topk(routing.probs, 3, dim=-1).indices
@@ -58,13 +59,51 @@ def test_top_k_without_capacity_keeps_k_per_token() -> None:
     assert router(torch.randn(20, 8)).token.numel() == 20
 
 
-def test_noise_only_in_training() -> None:
+def test_noise_only_in_training_and_only_in_the_choice() -> None:
     router = build_router("token_choice", dim=8, num_experts=4, noise_std=1.0, capacity_factor=None)
     x = torch.randn(32, 8)
     router.eval()
-    assert torch.equal(router(x).probs, router(x).probs)
+    a, b = router(x), router(x)
+    assert torch.equal(a.expert, b.expert) and torch.equal(a.weight, b.weight)
+    assert torch.equal(a.expert, a.probs.argmax(-1))
     router.train()
-    assert not torch.equal(router(x).probs, router(x).probs)
+    a, b = router(x), router(x)
+    assert not (torch.equal(a.expert, b.expert) and torch.equal(a.weight, b.weight))  # noisy choice and combine weights
+    assert torch.equal(a.probs, b.probs) and torch.allclose(a.probs, torch.softmax(router.gate(x), -1), atol=1e-6)  # V-MoE: clean distribution
+
+
+def test_batch_priority_uses_the_raw_gate_when_weights_are_normalised() -> None:
+    # k=2 with normalisation: the normalised first gate is p1 / (p1 + p2), which ranks tokens differently from p1 itself
+    router = build_router("token_choice", dim=3, num_experts=3, k=2, capacity_factor=1 / 3, batch_priority=True,
+                          normalize_weights=True, noise_std=0.0).eval()  # fmt: skip
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(3))
+    # tokens 0 and 1 both put expert 0 first: raw gates 0.6 vs 0.55, normalised top-2 gates 0.61 vs 0.69
+    probs = torch.tensor([[0.6, 0.39, 0.01], [0.55, 0.25, 0.2], [0.15, 0.25, 0.6]])
+    routing = router(probs.log(), tokens_per_group=3)  # capacity 1 per expert
+    assert routing.token[routing.expert == 0].tolist() == [0]  # the larger raw gate wins, as in V-MoE
+    raw = build_router("token_choice", dim=3, num_experts=3, k=2, capacity_factor=1 / 3, batch_priority=True, noise_std=0.0).eval()
+    raw.gate.load_state_dict(router.gate.state_dict())
+    unnormalised = raw(probs.log(), tokens_per_group=3)
+    assert unnormalised.token[unnormalised.expert == 0].tolist() == [0]
+
+
+def test_k1_with_normalised_weights_is_refused() -> None:
+    with pytest.raises(ConfigError, match="no gradient"):
+        build_router("token_choice", dim=4, num_experts=4, k=1, normalize_weights=True)
+    router = build_router("token_choice", dim=4, num_experts=4, k=2, normalize_weights=True)
+    with pytest.raises(ConfigError, match="no gradient"):
+        router.set_k(1)
+
+
+def test_balance_losses_are_per_group() -> None:
+    # two images, each routing all its tokens to one expert, but to different ones: the batch is balanced, each image is not
+    probs = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4)
+    assert float(importance_loss(probs)) == pytest.approx(0.0, abs=1e-6)
+    assert float(importance_loss(probs, group_tokens=4)) == pytest.approx(1.0, abs=1e-6)
+    top1 = probs.argmax(-1)
+    assert float(switch_load_loss(probs, top1)) == pytest.approx(1.0, abs=1e-6)
+    assert float(switch_load_loss(probs, top1, group_tokens=4)) == pytest.approx(2.0, abs=1e-6)
 
 
 def test_sinkhorn_token_choice_is_more_balanced_than_softmax() -> None:

@@ -65,12 +65,28 @@ def test_dead_codes_restart_at_batch_tokens(update: str) -> None:
     router.init_codebook(x)
     with torch.no_grad():
         router.codebook[3] = 100.0  # far away: never used
-        router.usage[3] = 0.0
+        router.recent_usage[3] = 0.0
     routing = router(x)
     assert bool((routing.expert == 3).any())  # restarted onto a token of this batch, so it is used at once
-    assert float(router.usage[3]) > router.restart_threshold
+    assert float(router.recent_usage[3]) > router.restart_threshold / 4
     if update == "gradient":  # no EMA averaging: the code is exactly that token
         assert (router.codebook[3] - x).norm(dim=-1).min() < 1e-5
+
+
+@pytest.mark.parametrize("tokens_per_batch", [200, 4096])
+def test_a_code_that_stops_getting_tokens_restarts_within_a_few_dozen_steps(tokens_per_batch: int) -> None:
+    # the threshold is a share of the fair 1/codes share, so batch size does not change when a code counts as dead
+    x, labels = _clusters(per=tokens_per_batch // 4)
+    router = build_router("vq", dim=8, num_experts=4)
+    router.init_codebook(x)
+    code = int(router.eval()(x[labels == 3]).expert[0])  # the code of cluster 3, used so far
+    router.train()
+    before = router.codebook[code].clone()
+    moved = []
+    for _ in range(40):  # batches without cluster 3: the code gets no tokens
+        router(x[labels != 3])
+        moved.append(float((router.codebook[code] - before).norm()) > 1.0)  # restarted onto a token of another cluster
+    assert any(moved) and moved.index(True) < 30
 
 
 def test_gradient_codebook_learns_from_the_codebook_loss() -> None:
