@@ -15,7 +15,7 @@ model's active FLOPs plus its router's. Variants, run one after another:
 
 Writes ``benchmarks/results/image_routing.json`` and ``.md`` (test accuracy,
 wall time of training, active and total parameters and FLOPs per token from
-``ssroute.layers.accounting``).
+``ssroute.moe.accounting``).
 
     python benchmarks/image_routing.py                        # Fashion-MNIST, 10000 images, 3 epochs
     python benchmarks/image_routing.py --subset 2000 --epochs 1 --data digits   # smoke run
@@ -53,8 +53,8 @@ def run(name: str, overrides: list[str], out: Path) -> dict:
 def accounting(run_dir: Path) -> dict:
     """Parameters and FLOPs of the run's backbone, built from its config.yaml."""
     from ssroute.data import build_data
-    from ssroute.layers.accounting import model_accounting
     from ssroute.models import build_backbone
+    from ssroute.moe.accounting import model_accounting
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     data = build_data(cfg.data, cfg.seed)

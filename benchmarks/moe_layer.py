@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssroute.experts import EXPERTS  # noqa: E402
 from ssroute.layers.mlp import FeedForward  # noqa: E402
-from ssroute.layers.moe import build_moe, dense_reference  # noqa: E402
+from ssroute.moe import build_moe, dense_reference  # noqa: E402
 from ssroute.routing import ROUTERS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -216,9 +216,9 @@ def run_device(args, device: torch.device) -> dict:
     for name, module in layers.items():
         if name.startswith("moe/"):
             with torch.no_grad():
-                module(x)
-            routing, total = module.last_routing, x.shape[0] * x.shape[1]
-            rows[name] = {"rows_per_token": float(module.last_load.sum()) / total, "dropped": float(routing.num_dropped) / total}
+                _, routing = module.forward_with_routing(x)
+            total = x.shape[0] * x.shape[1]
+            rows[name] = {"rows_per_token": float(routing.load().sum()) / total, "dropped": float(routing.num_dropped) / total}
     dense = layer_ms["dense_ffn"]
     ratios = {f"{name}/dense_ffn": ms / dense for name, ms in layer_ms.items() if name != "dense_ffn"}
     linear = router_ms["train/token_choice"], router_ms["infer/token_choice"]

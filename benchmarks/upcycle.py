@@ -3,7 +3,7 @@
 For each dense classifier checkpoint (``python -m finetune`` run: backbone + head):
 
 1. test accuracy of the dense model;
-2. upcycle every FFN into ``E`` experts (``ssroute.experts.upcycle``) twice —
+2. upcycle every FFN into ``E`` experts (``ssroute.upcycle``) twice —
    MLP selection router (trained on the FFN inputs of training images) and random
    selection — and evaluate test accuracy with k = E, E/2, ..., 1 experts per
    token, with no further training (the head and all other weights unchanged);
@@ -31,10 +31,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssroute.data import build_data  # noqa: E402
-from ssroute.experts.upcycle import _normalized, backbone_config, upcycle_checkpoint  # noqa: E402
-from ssroute.layers.moe import MoELayer  # noqa: E402
 from ssroute.models import build_backbone  # noqa: E402
+from ssroute.moe import MoELayer  # noqa: E402
 from ssroute.train.finetune import load_pretrained, resolve_checkpoint  # noqa: E402
+from ssroute.upcycle.run import _normalized, backbone_config, upcycle_checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THRESHOLD = 0.01

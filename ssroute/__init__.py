@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # Importing torch-heavy modules lazily keeps `import ssroute` cheap for config tools.
     if name == "build_moe":
-        from ssroute.layers.moe import build_moe
+        from ssroute.moe import build_moe
 
         return build_moe
     raise AttributeError(f"module 'ssroute' has no attribute {name!r}")

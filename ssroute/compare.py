@@ -15,26 +15,23 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from ssroute.checkpoint import load_backbone, load_pretrained, resolve_checkpoint, run_dir_of
 from ssroute.data import build_data
 from ssroute.data.views import ViewAugment
 from ssroute.errors import ConfigError
 from ssroute.eval.cka import linear_cka
-from ssroute.models import build_backbone
-from ssroute.train.finetune import load_pretrained, resolve_checkpoint
-from ssroute.train.run import write_json_atomic
+from ssroute.io import write_json_atomic
 
 
 @torch.no_grad()
 def block_features(run: str, images: torch.Tensor, batch_size: int = 512) -> tuple[list[torch.Tensor], dict]:
     """Mean-pooled output of every block of run ``run`` on uint8 ``images``."""
-    config, state = load_pretrained(run)
+    config, _ = load_pretrained(run)
     cfg = OmegaConf.create(config)
     data = build_data(cfg.data, cfg.seed)
-    backbone = build_backbone(cfg, data.image_size, data.channels)
-    backbone.load_state_dict(state)
-    backbone.eval()
+    backbone, _, _ = load_backbone(run, data)
     normalize = ViewAugment(cfg.data.augment, data.channels, data.image_size, data.mean, data.std).normalize
-    parts = [[out.mean(dim=1) for out in backbone.block_outputs(normalize(chunk))] for chunk in images.split(batch_size)]
+    parts = [[out.mean(dim=1) for out in backbone(normalize(chunk), keep_blocks=True)[1].block_tokens] for chunk in images.split(batch_size)]
     return [torch.cat(p) for p in zip(*parts, strict=True)], config
 
 
@@ -61,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    folder = resolve_checkpoint(args.run_a).parent.parent
+    folder = run_dir_of(resolve_checkpoint(args.run_a))
     write_json_atomic(folder / "compare" / f"{Path(args.run_b).name}.json", {"run_a": args.run_a, "run_b": args.run_b, **result})
     for key, value in result.items():
         print(f"{key}: {value:.4f}")

@@ -75,6 +75,7 @@ class ModelConfig:
     num_experts: int = 8  # experts per MoE layer
     expert_hidden: int | None = None  # one expert's hidden width; null = the dense FFN's (mlp_ratio * dim)
     moe_k: list[int] = field(default_factory=list)  # k of each MoE layer, aligned with moe_layers; [] = the router's k
+    group_images: int = 1  # images per routing group of the MoE layers: capacity, batch priority and balance losses act per group
     stack: list[str] = field(default_factory=list)  # e.g. [ssl, route, ssl]: sets depth and moe_layers; dense = a 1-block dense stage; [] = use them
     ssl_layers: int = 1  # dense transformer blocks in each ssl block of the stack
     depth_router: DepthRouterConfig = field(default_factory=DepthRouterConfig)  # model=vit_depth only: the pool, steps and halting
@@ -115,7 +116,7 @@ class ConsistencyConfig:
 
 @dataclass
 class SuperclassConfig:
-    """Super-class training of image routers (router=image; ssroute/routing/superclass.py, docs/image_routing.md)."""
+    """Super-class training of image routers (router=image; ssroute/objectives/superclass.py, docs/image_routing.md)."""
 
     weight: float = 0.0  # weight of the router's cross-entropy to each image's super-class; 0 = off
     checkpoint: str | None = None  # run whose features define the super-classes; null = the model itself (fine-tuning: before it trains)

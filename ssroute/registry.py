@@ -17,6 +17,7 @@ ssroute.errors.ConfigError: unknown animal 'dog'; choose one of: cat.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -63,3 +64,17 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind}: {', '.join(self._entries)})"
+
+
+def option_names(constructor: Callable[..., Any], fixed: tuple[str, ...]) -> list[str]:
+    params = inspect.signature(constructor).parameters
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in params.items() if p.kind in kinds and n not in fixed and n != "self"]
+
+
+def check_options(kind: str, name: str, constructor: Callable[..., Any], options: dict[str, Any], fixed: tuple[str, ...]) -> None:
+    """Reject unknown keyword options with one sentence instead of a TypeError."""
+    valid = option_names(constructor, fixed)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"{kind} {name!r} has no option {', '.join(map(repr, unknown))}; valid options: {', '.join(valid) or 'none'}.")

@@ -13,7 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ssroute.errors import ConfigError
-from ssroute.evaluate import LABELLED, evaluate_checkpoint
+from ssroute.eval.evaluation import LABELLED
+from ssroute.evaluate import evaluate_checkpoint
 from ssroute.train.pretrain import run_pretrain
 from tests.conftest import compose_config
 
@@ -50,12 +51,12 @@ def test_end_of_run_evaluation_writes_metrics_and_report_and_merges_headlines(mo
     expected |= {f"fewshot/{n}shot_top1{s}" for n in (1, 5, 10) for s in ("", "_std")}
     expected |= {f"block{i}/{p}_top1" for i in (0, 1) for p in ("knn", "linear")}  # model.depth=2: one pair per block
     assert expected <= metrics.keys()
-    assert all(0.0 <= metrics[k] <= 1.0 for k in expected if k != "eval_time_s")
+    accuracies = [k for k in expected if k.endswith("_top1") or k == "retrieval/precision_at_1"]
+    assert all(metrics[k] > 0.15 for k in accuracies), sorted((metrics[k], k) for k in accuracies)  # above chance (0.1) by a margin
     run = json.loads((moe_run / "metrics.json").read_text())
-    assert {"knn_top1", "linear_top1", "train_time_s", "images_per_s"} <= run.keys()  # DESIGN's keys stay
-    assert run["eval/knn_top1"] == metrics["knn_top1"] and run["eval/fewshot/5shot_top1"] == metrics["fewshot/5shot_top1"]
-    assert not any(k.startswith("eval/block") for k in run)  # per-block keys stay in eval/metrics.json
-    assert abs(run["eval/knn_top1"] - run["knn_top1"]) <= 0.01  # the same protocol on the same features as training's final kNN
+    assert {"knn_top1", "linear_top1", "train_time_s", "images_per_s", "routing_agreement", "routing_position_nmi"} <= run.keys()  # DESIGN's keys
+    # one evaluation: the run's metrics.json holds exactly what eval/metrics.json measured, plus the run's own figures
+    assert all(run[k] == v for k, v in metrics.items()) and run["train_time_s"] > 0
     report = (moe_run / "eval" / "report.md").read_text()
     assert report.startswith(f"# Evaluation of {moe_run}") and "## Per-block probes" in report and "| 1 | MoE |" in report
     for plot in (moe_run / "eval").glob("plots/*.png"):

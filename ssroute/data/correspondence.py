@@ -5,7 +5,12 @@ pixels (``ssroute.data.views``). A patch centre ``p`` in view 1 is mapped back
 to the image and forward into view 2, ``q = M2 · M1⁻¹ · p`` (homogeneous
 coordinates), and its partner is the view-2 patch that contains ``q``. A patch
 whose centre leaves view 2 (cropped away or rotated out) has no partner and is
-masked out. Photometric augmentations do not move pixels and do not enter.
+masked out, and so is a pair in which either patch shows mostly padding: a
+rotation after the crop fills the view's corners with zeros that the inverse
+matrix maps back onto image pixels the view does not show. Each view carries a
+content mask (the same warp applied to an all-ones image,
+``ssroute.data.views``); a patch counts when at least half of it is image
+content. Photometric augmentations do not move pixels and do not enter.
 
 Coordinates are pixel indices: pixel ``(x, y)`` covers ``[x-0.5, x+0.5) x
 [y-0.5, y+0.5)``, as kornia's matrices and ``ssroute.layers.patch_embed``
@@ -25,7 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+MIN_CONTENT = 0.5  # a patch takes part in a pair when at least this share of it shows the image, not padding
 
 
 @dataclass
@@ -76,3 +84,75 @@ def nearest_correspondence(
     inside_view = ((mapped >= -0.5) & (mapped < image_size - 0.5)).all(dim=-1)
     valid = inside_patch & inside_view
     return Correspondence(torch.where(valid, partner, torch.zeros_like(partner)), valid, mapped)
+
+
+def extract_patches(images: Tensor, centres: Tensor, patch_size: int) -> Tensor:
+    """Pixels of square patches at continuous centres: ``[B, C, H, W], [B, N, 2] -> [B, N, C * p * p]``.
+
+    Flattened as ``(channel, row, column)``, the layout of a ``Conv2d`` kernel, so a
+    patch embedding's convolution weights apply to it as a linear map. Outside the
+    image counts as 0. Bilinear, so any real centre works; at integer pixel
+    offsets it copies pixels exactly.
+    """
+    batch, channels, height, width = images.shape
+    offsets = torch.arange(patch_size, device=images.device, dtype=centres.dtype) - (patch_size - 1) / 2
+    dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
+    x = centres[:, :, None, None, 0] + dx  # [B, N, p, p]
+    y = centres[:, :, None, None, 1] + dy
+    # grid_sample's align_corners=False coordinates: pixel index i sits at (2 i + 1) / size - 1
+    grid = torch.stack([(2 * x + 1) / width - 1, (2 * y + 1) / height - 1], dim=-1)
+    sampled = F.grid_sample(
+        images, grid.reshape(batch, -1, patch_size, 2).to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return sampled.view(batch, channels, -1, patch_size, patch_size).transpose(1, 2).flatten(2)  # [B, N, C*p*p]
+
+
+def content_share(content: Tensor, centres: Tensor, patch_size: int) -> Tensor:
+    """``[B, 1, H, W]`` content mask (1 = image, 0 = padding), ``[B, N, 2]`` centres -> ``[B, N]`` share of each patch that is image."""
+    return extract_patches(content, centres, patch_size).mean(dim=-1)
+
+
+def view_matches(
+    matrices: tuple[Tensor, Tensor],
+    centres: tuple[Tensor, Tensor],
+    image_size: int,
+    patch_size: int,
+    *,
+    grid: bool,
+    masks: tuple[Tensor | None, Tensor | None] = (None, None),
+    content: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Correspondence, Correspondence]:
+    """Correspondences view 1 -> view 2 and view 2 -> view 1 for a batch.
+
+    Args:
+        matrices: the views' ``[B, 3, 3]`` original -> view pixel matrices.
+        centres: each view's patch centres ``[B, N, 2]``.
+        image_size, patch_size: pixels of the (square) views and patches.
+        grid: both views tokenise the row-major grid: the partner is the cell that
+            contains the mapped centre. Otherwise each view took its own patches and
+            the partner is the nearest patch the other view took, valid if the
+            mapped centre lies inside it.
+        masks: each view's ``[B, N]`` patches taken (a halting selector; None = all):
+            untaken patches neither have nor are partners.
+        content: each view's ``[B, 1, H, W]`` content mask; pairs in which either
+            patch is mostly padding are invalid (None: no padding check).
+    """
+
+    def match(a: int, b: int) -> Correspondence:
+        if grid:
+            found = grid_correspondence(centres[a], matrices[a], matrices[b], image_size, patch_size)
+        else:
+            other = centres[b] if masks[b] is None else centres[b].masked_fill(~masks[b][..., None], -1e6)  # untaken: never nearest
+            found = nearest_correspondence(centres[a], matrices[a], matrices[b], other, image_size, patch_size)
+        valid = found.valid
+        if masks[a] is not None:
+            valid = valid & masks[a]
+        if content is not None:
+            own = content_share(content[a], centres[a], patch_size) >= MIN_CONTENT
+            theirs = content_share(content[b], centres[b], patch_size) >= MIN_CONTENT
+            valid = valid & own & torch.gather(theirs, 1, found.partner)
+        found.valid = valid
+        found.partner = torch.where(valid, found.partner, torch.zeros_like(found.partner))
+        return found
+
+    return match(0, 1), match(1, 0)

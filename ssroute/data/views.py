@@ -5,7 +5,9 @@ Geometric augmentations (random resized crop, flip, rotation) run first in one
 of the original image to the view (``views.matrices [batch, 3, 3]``); photometric
 ones (colour jitter, grey, blur, noise) follow and move no pixel. Self-supervised
 routing uses the matrices to find which patches of two views show the same
-place (see ``ssroute.data.correspondence`` once it lands).
+place (``ssroute.data.correspondence``). The geometric warp also carries an
+all-ones channel, so each view comes with its content mask ``[batch, 1, H, W]``
+(1 where the view shows the image, 0 in the padding a rotation brings in).
 
 >>> import torch
 >>> from ssroute.config import AugmentConfig
@@ -28,6 +30,7 @@ from torch import nn
 class Views:
     images: list[torch.Tensor]  # num_views x [batch, channels, height, width], normalised
     matrices: list[torch.Tensor]  # num_views x [batch, 3, 3], original pixel -> view pixel
+    content: list[torch.Tensor]  # num_views x [batch, 1, height, width], share of each pixel that is image (not padding)
 
 
 class ViewAugment(nn.Module):
@@ -71,16 +74,18 @@ class ViewAugment(nn.Module):
             images = images.float() / 255.0
         return (images - self.mean) / self.std
 
-    def view(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One augmented view and its ``[batch, 3, 3]`` original->view pixel matrix."""
+    def view(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One augmented view, its ``[batch, 3, 3]`` original->view pixel matrix and its ``[batch, 1, H, W]`` content mask."""
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images
-        x = self.geometric(x)
+        channels = x.shape[1]
+        warped = self.geometric(torch.cat([x, torch.ones_like(x[:, :1])], dim=1))  # one warp for the view and its mask
+        x, content = warped[:, :channels], warped[:, channels:]
         matrix = self.geometric.transform_matrix
         x = self.photometric(x).clamp(0.0, 1.0)
         if self.noise > 0:
             x = x + self.noise * torch.randn_like(x)
-        return (x - self.mean) / self.std, matrix
+        return (x - self.mean) / self.std, matrix, content
 
     def forward(self, images: torch.Tensor, num_views: int = 2) -> Views:
-        pairs = [self.view(images) for _ in range(num_views)]
-        return Views([p[0] for p in pairs], [p[1] for p in pairs])
+        made = [self.view(images) for _ in range(num_views)]
+        return Views([v[0] for v in made], [v[1] for v in made], [v[2] for v in made])

@@ -32,15 +32,14 @@ them; :func:`routing_analytics` only runs the backbone and collects them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from ssroute.eval.agreement import load_entropy
+from ssroute.eval.features import evaluating
 from ssroute.eval.fluctuation import top1_experts
-from ssroute.eval.routing_stability import block_key
-from ssroute.layers.moe import MoELayer, record_routing
 from ssroute.routing import Routing
 
 
@@ -59,13 +58,6 @@ class RoutingAnalytics:
     blocks: dict[str, BlockRouting] = field(default_factory=dict)  # "block2" -> its analytics, in block order
     cross_block: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # (block i, block j), i < j -> [E_i, E_j] joint share
     metrics: dict[str, float] = field(default_factory=dict)  # flat block{i}/... keys (see analyse_routings)
-
-
-def usage_entropy(load: Tensor) -> float:
-    """Entropy of the load distribution over experts, normalised to [0, 1] (1 = balanced)."""
-    share = load.double() / load.sum().clamp_min(1)
-    share = share[share > 0]
-    return float(-(share * share.log()).sum() / math.log(load.numel())) if load.numel() > 1 else 1.0
 
 
 def co_selection(routing: Routing) -> Tensor:
@@ -106,22 +98,20 @@ def image_top1(routing: Routing, images: int) -> Tensor:
 
 
 def analyse_routings(
-    routings: dict[str, Routing], images: int, labels: Tensor | None = None, num_classes: int | None = None
+    routings: dict[int, Routing], images: int, labels: Tensor | None = None, num_classes: int | None = None
 ) -> RoutingAnalytics:
-    """Analytics of the routings of MoE layers (by module name) over the same ``images`` images.
+    """Analytics of the routings of MoE blocks (by block index) over the same ``images`` images.
 
     Each routing holds ``tokens_per_image * images`` rows, image by image.
     ``labels [images]`` (``-1`` = unlabelled, ignored) may be None, which skips
     the class x expert matrices.
     Metrics per block: ``load_max_share`` (the busiest expert's share of the
-    load; 1/E is balanced), ``dropped_share``, ``expert_usage_entropy``,
-    ``dead_experts``, ``experts_per_token``, ``class_expert_nmi``,
+    load; 1/E is balanced), ``dropped_share``, ``unaugmented_usage_entropy`` and ``unaugmented_dead_experts`` (on these images;
+    expert usage under the run's augmentation is ``ssroute.eval.agreement``'s), ``experts_per_token``, ``class_expert_nmi``,
     ``class_expert_purity``; per block pair ``block{i}/block{j}/expert_nmi``.
     """
     result = RoutingAnalytics()
-    keyed = sorted(
-        ((block_key(name), r) for name, r in routings.items()), key=lambda item: int(item[0][5:]) if item[0][5:].isdigit() else 0
-    )
+    keyed = [(f"block{i}", r) for i, r in sorted(routings.items())]
     for block, routing in keyed:
         load = routing.load().cpu()
         top1 = top1_experts(routing).cpu()
@@ -129,8 +119,8 @@ def analyse_routings(
         m = result.metrics
         m[f"{block}/load_max_share"] = float(load.max() / load.sum().clamp_min(1))
         m[f"{block}/dropped_share"] = float(routing.num_dropped) / max(routing.num_tokens, 1)
-        m[f"{block}/expert_usage_entropy"] = usage_entropy(load)
-        m[f"{block}/dead_experts"] = float((load == 0).sum())
+        m[f"{block}/unaugmented_usage_entropy"] = load_entropy(load)
+        m[f"{block}/unaugmented_dead_experts"] = float((load == 0).sum())
         m[f"{block}/experts_per_token"] = routing.token.numel() / max(routing.num_tokens, 1) if not routing.is_soft else float("nan")
         if labels is not None and num_classes:
             token_labels = labels.cpu().long().repeat_interleave(routing.num_tokens // images)
@@ -172,7 +162,6 @@ def concat_routings(parts: list[Routing]) -> Routing:
     )
 
 
-@torch.no_grad()
 def routing_analytics(
     backbone: nn.Module, images_normalised: Tensor, labels: Tensor | None, num_classes: int | None, batch_size: int = 256
 ) -> RoutingAnalytics:
@@ -180,21 +169,12 @@ def routing_analytics(
 
     A backbone without MoE layers gives empty analytics. See :func:`analyse_routings` for the metrics.
     """
-    names = [name for name, m in backbone.named_modules() if isinstance(m, MoELayer)]
-    if not names:
+    parts: dict[int, list[Routing]] = {}
+    with evaluating(backbone):
+        for chunk in images_normalised.split(batch_size):
+            _, aux = backbone(chunk)
+            for block, routing in aux.routings.items():
+                parts.setdefault(block, []).append(routing.detach())
+    if not parts:
         return RoutingAnalytics()
-    depth = (
-        1 + max(int(n.split(".")[1]) for n in names)
-        if all(n.startswith("blocks.") for n in names) and hasattr(backbone, "tokens")
-        else None
-    )
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with record_routing(backbone) as recorded:
-            for chunk in images_normalised.split(batch_size):
-                backbone.tokens(chunk, depth) if depth is not None else backbone(chunk)
-    finally:
-        backbone.train(was_training)
-    routings = {name: concat_routings([r.detach() for r in recorded[name]]) for name in names}
-    return analyse_routings(routings, images_normalised.shape[0], labels, num_classes)
+    return analyse_routings({i: concat_routings(r) for i, r in parts.items()}, images_normalised.shape[0], labels, num_classes)

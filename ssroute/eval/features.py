@@ -9,9 +9,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+@contextmanager
+def evaluating(module: nn.Module, seed: int | None = None) -> Iterator[nn.Module]:
+    """``module`` in eval mode without autograd for the block, every submodule's own mode restored afterwards.
+
+    With ``seed`` the block also runs on its own random stream (``torch.random.fork_rng``), so
+    a measurement taken during training (random routers, augmentations) leaves the training's
+    randomness exactly where it was — what exact resumes need.
+    """
+    modes = {m: m.training for m in module.modules()}
+    param = next(module.parameters(), None)
+    devices = [param.device] if param is not None and param.device.type == "cuda" else []
+    module.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield module
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 class ShardSampler(Sampler[int]):

@@ -40,11 +40,8 @@ def top1_experts(routing: Routing) -> Tensor:
     assignments rather than ``probs`` alone keeps random routing (uniform
     ``probs``) honest.
     """
-    probs = routing.probs.detach()
-    kept = torch.zeros_like(probs).index_put_((routing.token, routing.expert), routing.weight.detach().to(probs.dtype), accumulate=True)
-    assigned = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
-    assigned[routing.token] = True
-    return torch.where(assigned, kept.argmax(dim=1), probs.argmax(dim=1))
+    top1 = routing.executed_top1()
+    return torch.where(top1 >= 0, top1, routing.probs.detach().argmax(dim=1))
 
 
 def changed(snapshots: Tensor) -> Tensor:

@@ -34,11 +34,10 @@ from torch import Tensor, nn
 from ssroute.config import AugmentConfig
 from ssroute.data.views import ViewAugment
 from ssroute.eval.analytics import RoutingAnalytics
+from ssroute.eval.features import evaluating
 from ssroute.eval.fluctuation import top1_experts
-from ssroute.eval.routing_stability import block_key
-from ssroute.eval.stability import StabilityResult, as_augment_config, normalisation_of
-from ssroute.layers.moe import MoELayer, record_routing
-from ssroute.train.routing import view_matches
+from ssroute.eval.stability import StabilityResult, as_augment_config, matches_of, normalisation_of
+from ssroute.moe import moe_layers
 
 
 def expert_colours(num_experts: int) -> np.ndarray:
@@ -74,17 +73,12 @@ def _overlay(top1: Tensor, centres: Tensor, patch_size: int, image_size: int, co
     return layer
 
 
-@torch.no_grad()
-def _route(backbone: nn.Module, images: Tensor) -> dict[str, Tensor]:
-    """``block{i} -> [images, tokens]`` top-1 experts of every MoE block, in eval mode."""
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with record_routing(backbone) as recorded:
-            backbone(images)
-    finally:
-        backbone.train(was_training)
-    return {block_key(name): top1_experts(r[0]).view(images.shape[0], -1).cpu() for name, r in recorded.items()}
+def _route(backbone: nn.Module, images: Tensor):
+    """(``block{i} -> [images, tokens]`` top-1 experts of every MoE block, ``[images, tokens, 2]`` patch centres, the aux), in eval mode."""
+    with evaluating(backbone):
+        _, aux = backbone(images)
+    routes = {f"block{i}": top1_experts(r).view(images.shape[0], -1).cpu() for i, r in sorted(aux.routings.items())}
+    return routes, aux.patches.centres.cpu(), aux
 
 
 def _tokens(top1: Tensor, num_tokens: int) -> Tensor:
@@ -94,9 +88,9 @@ def _tokens(top1: Tensor, num_tokens: int) -> Tensor:
 def plot_routing_maps(path, backbone: nn.Module, images_uint8: Tensor, normalize: Callable[[Tensor], Tensor], max_images: int = 8) -> Path:
     """Sample images with each patch tinted by its top-1 expert; a row per MoE block."""
     images = images_uint8[:max_images]
-    routes = _route(backbone, normalize(images))
+    routes, centres, _ = _route(backbone, normalize(images))
     embed = backbone.patch_embed
-    num_experts = next(m.num_experts for m in backbone.modules() if isinstance(m, MoELayer))
+    num_experts = next(iter(moe_layers(backbone).values())).num_experts
     colours, shown = expert_colours(num_experts), _display(images)
     fig = Figure(figsize=(1.3 * len(images) + 1.2, 1.4 * len(routes) + 0.4))
     axes = fig.subplots(len(routes), len(images), squeeze=False)
@@ -104,7 +98,7 @@ def plot_routing_maps(path, backbone: nn.Module, images_uint8: Tensor, normalize
         top1 = _tokens(top1, embed.num_tokens)
         for col, ax in enumerate(axes[row]):
             ax.imshow(shown[col], interpolation="nearest")
-            ax.imshow(_overlay(top1[col], embed.centres, embed.patch_size, embed.image_size, colours), interpolation="nearest")
+            ax.imshow(_overlay(top1[col], centres[col], embed.patch_size, embed.image_size, colours), interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
         axes[row, 0].set_ylabel(block)
     handles = [matplotlib.patches.Patch(color=colours[e], label=f"expert {e}") for e in range(num_experts)]
@@ -122,28 +116,28 @@ def plot_view_links(
         torch.manual_seed(seed)
         views = augment(images, num_views=2)
         pick = torch.rand(images.shape[0], backbone.patch_embed.num_tokens).argsort(dim=1)
-    match, _ = view_matches(backbone.patch_embed, views.matrices[0], views.matrices[1])
     embed = backbone.patch_embed
-    block, first = next(iter(_route(backbone, views.images[0]).items()))
-    second = _route(backbone, views.images[1])[block]
-    first, second = _tokens(first, embed.num_tokens), _tokens(second, embed.num_tokens)
-    num_experts = next(m.num_experts for m in backbone.modules() if isinstance(m, MoELayer))
+    routes1, centres1, aux1 = _route(backbone, views.images[0])
+    routes2, centres2, aux2 = _route(backbone, views.images[1])
+    match, _ = matches_of(views, (aux1, aux2), embed)
+    block = next(iter(routes1))
+    first, second = _tokens(routes1[block], embed.num_tokens), _tokens(routes2[block], embed.num_tokens)
+    num_experts = next(iter(moe_layers(backbone).values())).num_experts
     colours, size, gap = expert_colours(num_experts), embed.image_size, embed.image_size * 0.25
     shown = [_display(v * augment.std + augment.mean) for v in views.images]
-    centres = embed.centres.cpu().numpy()
     fig = Figure(figsize=(5.0, 2.4 * len(images)))
     axes = fig.subplots(len(images), 1, squeeze=False)[:, 0]
     for i, ax in enumerate(axes):
-        for v, (top1, x0) in enumerate(((first, 0.0), (second, size + gap))):
+        for v, (top1, x0, centres) in enumerate(((first, 0.0, centres1), (second, size + gap, centres2))):
             extent = (x0 - 0.5, x0 + size - 0.5, size - 0.5, -0.5)
             ax.imshow(shown[v][i], extent=extent, interpolation="nearest")
-            ax.imshow(_overlay(top1[i], embed.centres, embed.patch_size, size, colours, alpha=0.3), extent=extent, interpolation="nearest")
+            ax.imshow(_overlay(top1[i], centres[i], embed.patch_size, size, colours, alpha=0.3), extent=extent, interpolation="nearest")
         valid = match.valid[i].cpu()
         links = [t for t in pick[i].tolist() if valid[t]][:max_links]
         for t in links:
             partner = int(match.partner[i, t])
             same = bool(first[i, t] == second[i, partner])
-            (x1, y1), (x2, y2) = centres[t], centres[partner]
+            (x1, y1), (x2, y2) = centres1[i, t].tolist(), centres2[i, partner].tolist()
             ax.plot([x1, x2 + size + gap], [y1, y2], color="limegreen" if same else "red", linewidth=1.0, marker="o", markersize=2)
         ax.set_xlim(-0.5, 2 * size + gap - 0.5), ax.set_ylim(size - 0.5, -0.5)
         ax.set_xticks([]), ax.set_yticks([])
@@ -269,7 +263,7 @@ def write_all_plots(
     """
     out = Path(out_dir)
     written: list[Path] = []
-    routed = any(isinstance(m, MoELayer) for m in backbone.modules())
+    routed = bool(moe_layers(backbone))
     if routed and images_uint8 is not None and len(images_uint8):
         written.append(plot_routing_maps(out / "routing_maps.png", backbone, images_uint8, normalize))
         if augment is not None and not isinstance(augment, ViewAugment):

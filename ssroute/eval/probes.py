@@ -5,8 +5,8 @@ representation becomes useful: each block's tokens ``[batch, tokens, dim]`` go
 through a LayerNorm without learned scale (blocks other than the last never
 trained the backbone's final norm) and a mean pool — weighted by the patch
 selector's pooling weights when it has any — giving ``[batch, dim]`` per block.
-One forward pass (:meth:`ViT.block_outputs`) yields every block and the
-backbone's own features, stacked as ``[batch, 1 + depth, dim]``.
+One forward pass (``backbone(images, keep_blocks=True)``) yields every block and
+the backbone's own features, stacked as ``[batch, 1 + depth, dim]``.
 
 >>> import torch
 >>> from ssroute.models.vit import ViT
@@ -18,26 +18,20 @@ torch.Size([4, 4, 16])
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssroute.eval.knn import knn_accuracy
 from ssroute.eval.linear import linear_probe_accuracy
+from ssroute.models.vit import ViT
 
 
 @torch.no_grad()
 def stacked_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """``[batch, 1 + depth, dim]``: the backbone's features, then the pooled output of each block."""
-    outputs = backbone.block_outputs(images)
-    patches = backbone.last_patches
-    weights = patches.pool_weights if patches is not None else None
-    final = backbone.pool(outputs[-1], weights)
-    blocks = [_pool(F.layer_norm(out, out.shape[-1:]), weights) for out in outputs]
+    final, aux = backbone(images, keep_blocks=True)
+    weights = aux.patches.pool_weights
+    blocks = [ViT.pool(out, weights) for out in aux.block_tokens]  # pool() without a norm: LayerNorm without learned scale
     return torch.stack([final, *blocks], dim=1)
-
-
-def _pool(tokens: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    return tokens.mean(dim=1) if weights is None else torch.einsum("bnd,bn->bd", tokens, weights)
 
 
 def block_probes(

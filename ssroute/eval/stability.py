@@ -4,12 +4,12 @@ Over ``pairs`` rounds of two independently augmented views of every image, for
 every MoE block: top-1 agreement of corresponding patches (partners from the
 views' matrices, ``ssroute.data.correspondence``), the mean Jensen-Shannon
 divergence of their routing distributions, and the chance agreement of the same
-usage (``ssroute.eval.routing_stability.RoutingStabilityMeter``). Measured
-three ways:
+usage (``ssroute.eval.agreement.RoutingAgreementMeter``). Measured
+three ways (every forward pairs the two views' executed experts, ``ssroute.eval.agreement``):
 
 - with the run's augmentation: ``block{i}/routing_agreement``, ``/routing_js``,
-  ``/routing_agreement_chance`` and their means over blocks (plain keys;
-  expert usage is in ``ssroute.eval.analytics``);
+  ``/routing_agreement_chance``, ``/routing_dropped_pairs``, ``/expert_usage_entropy``,
+  ``/dead_experts`` and their means over blocks (plain keys);
 - one augmentation family at a time (:data:`FAMILIES`: crop, flip, rotation,
   colour, blur_noise), everything else off: ``block{i}/family/{name}/...``.
   A family the run leaves off is measured at a reference magnitude
@@ -19,9 +19,9 @@ three ways:
   augmentation, above 1 stronger: ``block{i}/strength/{s}/...``, also as
   ``curves["block{i}"]`` (agreement) and ``curves["block{i}/chance"]``.
 
-Routers with ``per_token = False`` route whole images: their agreement is
-image-level (the top-1 expert of an image's mean routing distribution, same in
-both views), with every image its own partner.
+Routers of whole images are compared per image, every image its own partner.
+With a patch selector each view takes its own patches; a patch's partner is the
+nearest patch the other view took that contains the mapped centre.
 
 >>> import torch
 >>> from ssroute.config import AugmentConfig
@@ -42,11 +42,13 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from ssroute.config import AugmentConfig
-from ssroute.data.views import ViewAugment
+from ssroute.data.correspondence import Correspondence, view_matches
+from ssroute.data.views import ViewAugment, Views
 from ssroute.errors import ConfigError
-from ssroute.eval.routing_stability import RoutingStabilityMeter
-from ssroute.layers.moe import MoELayer, record_routing
-from ssroute.train.routing import view_matches
+from ssroute.eval.agreement import RoutingAgreementMeter
+from ssroute.eval.features import evaluating
+from ssroute.models.aux import ForwardAux
+from ssroute.moe import moe_layers
 
 # Every family off: crops take the whole image, no flip, rotation, colour, blur or noise.
 IDENTITY = AugmentConfig(
@@ -126,33 +128,45 @@ def normalisation_of(
     return tuple((-zero * std).tolist()), tuple(std.tolist())
 
 
-def moe_layers(backbone: nn.Module) -> dict[str, MoELayer]:
-    return {name: m for name, m in backbone.named_modules() if isinstance(m, MoELayer)}
+def matches_of(views: Views, auxes: tuple[ForwardAux, ForwardAux], patch_embed) -> tuple[Correspondence, Correspondence]:
+    """Patch partners between two views from their forwards' patches (grid or selected), matrices and content masks."""
+    patches = [aux.patches for aux in auxes]
+    return view_matches(
+        (views.matrices[0], views.matrices[1]),
+        (patches[0].centres, patches[1].centres),
+        patch_embed.image_size,
+        patch_embed.patch_size,
+        grid=patch_embed.selector is None,
+        masks=(patches[0].mask, patches[1].mask),
+        content=(views.content[0], views.content[1]),
+    )
 
 
-@torch.no_grad()
-def measure(backbone: nn.Module, augment: ViewAugment, images_uint8: Tensor, pairs: int, batch_size: int = 256) -> RoutingStabilityMeter:
-    """Feed ``pairs`` rounds of two views of every image through ``backbone`` and meter every MoE layer."""
+def split_views(aux: ForwardAux, batch: int) -> tuple[ForwardAux, ForwardAux]:
+    """The auxes of the two halves of a forward over ``torch.cat([view1, view2])`` (``batch`` images each)."""
+    halves = []
+    for half in (0, 1):
+        rows = slice(half * batch, (half + 1) * batch)
+        p = aux.patches
+        patches = replace(p, tokens=p.tokens[rows], centres=p.centres[rows], mask=None if p.mask is None else p.mask[rows],
+                          pool_weights=None if p.pool_weights is None else p.pool_weights[rows])  # fmt: skip
+        halves.append(ForwardAux({i: r.split(2)[half] for i, r in aux.routings.items()}, patches))
+    return halves[0], halves[1]
+
+
+def measure(backbone: nn.Module, augment: ViewAugment, images_uint8: Tensor, pairs: int, batch_size: int = 256) -> RoutingAgreementMeter:
+    """Feed ``pairs`` rounds of two views of every image through ``backbone`` (as it is: the caller sets the mode) and meter every MoE block."""
     layers = moe_layers(backbone)
-    meter = RoutingStabilityMeter(next(iter(layers.values())).num_experts)
-    depth = 1 + max(int(name.split(".")[1]) for name in layers) if all(n.startswith("blocks.") for n in layers) else None
-    forward = (lambda x: backbone.tokens(x, depth)) if depth is not None and hasattr(backbone, "tokens") else backbone
+    meter = RoutingAgreementMeter(next(iter(layers.values())).num_experts)
+    end = max(layers) + 1 if hasattr(backbone, "blocks") and len(backbone.blocks) else None  # no block after the last routed one is needed
     for _ in range(pairs):
         for chunk in images_uint8.split(batch_size):
             views = augment(chunk, num_views=2)
-            batch = chunk.shape[0]
-            match, _ = view_matches(backbone.patch_embed, views.matrices[0], views.matrices[1])
-            with record_routing(backbone) as recorded:
-                forward(torch.cat(views.images))  # both views in one forward: routing groups are per image
-            for name, (routing,) in recorded.items():
-                probs = routing.probs.float().view(2, batch, -1, routing.num_experts)
-                load = routing.load()
-                if layers[name].router.per_token:
-                    meter.update(name, probs[0], probs[1], match.partner, match.valid, load)
-                else:  # image-level: each image's mean distribution, partnered with itself
-                    image = probs.mean(dim=2, keepdim=True)
-                    itself = torch.zeros(batch, 1, dtype=torch.long, device=probs.device)
-                    meter.update(name, image[0], image[1], itself, torch.ones_like(itself, dtype=torch.bool), load)
+            _, aux = backbone(torch.cat(views.images), end=end)  # both views in one forward: routing groups are per image
+            auxes = split_views(aux, chunk.shape[0])
+            match, _ = matches_of(views, auxes, backbone.patch_embed)
+            for block in aux.routings:
+                meter.update(block, auxes[0].routings[block], auxes[1].routings[block], match.partner, match.valid)
     return meter
 
 
@@ -165,26 +179,23 @@ def augmentation_stability(
     pairs: int,
     strengths: list[float],
     seed: int,
+    families: bool = True,
 ) -> StabilityResult:
     """Routing stability of ``backbone``'s MoE blocks under the run's augmentation, per family and over strength.
 
     Args:
-        backbone: a ViT with MoE layers (``patch_embed`` gives the patch centres).
+        backbone: a ViT with MoE layers (``patch_embed`` gives the patch geometry; any patch selector).
         augment_cfg: the run's ``data.augment`` (AugmentConfig, DictConfig or dict).
         normalize: the run's ``uint8 -> normalised`` map (e.g. ``ViewAugment.normalize``); its mean/std are reused.
         images_uint8: ``[images, channels, size, size]`` uint8 images, on the backbone's device.
         pairs: rounds of two fresh views per image, for each measurement.
         strengths: augmentation strengths of the curve (0 = identity, 1 = the run's).
         seed: seeds the augmentations; the caller's RNG state is restored afterwards.
+        families: also measure one augmentation family at a time (False: the run's augmentation and the strengths only).
     """
-    layers = moe_layers(backbone)
-    if not layers:
+    if not moe_layers(backbone):
         raise ConfigError(
             "the backbone has no MoE layer, so there is no routing to measure; set model.moe_layers or model.stack with a route block."
-        )
-    if getattr(backbone.patch_embed, "selector", None) is not None:
-        raise ConfigError(
-            "augmentation stability pairs patches on the grid; evaluate a run with the grid patch embedding (no patch selector)."
         )
     if pairs < 1:
         raise ConfigError(f"pairs={pairs} must be at least 1 round of augmented view pairs.")
@@ -202,38 +213,34 @@ def augmentation_stability(
 
     metrics: dict[str, float] = {}
     curves: dict[str, list[tuple[float, float]]] = {}
-    devices = [images_uint8.device] if images_uint8.device.type == "cuda" else []
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            metrics.update(_nest(stats(run), ""))
-            for family in FAMILIES:
-                cfg, in_run = family_only(run, family)
-                metrics[f"family/{family}/in_run"] = float(in_run)
-                metrics.update(_nest(stats(cfg), f"family/{family}"))
-            for s in sorted(strengths):
-                nested = _nest(stats(scale_augment(run, s)), f"strength/{s:g}")
-                metrics.update(nested)
-                for key, value in nested.items():
-                    block, _, metric = key.partition(f"/strength/{s:g}/")
-                    if block.startswith("block") and metric in ("routing_agreement", "routing_agreement_chance"):
-                        curve = block if metric == "routing_agreement" else f"{block}/chance"
-                        curves.setdefault(curve, []).append((float(s), value))
-    finally:
-        backbone.train(was_training)
+    with evaluating(backbone, seed=seed):
+        metrics.update(_nest(stats(run), ""))
+        for family in FAMILIES if families else ():
+            cfg, in_run = family_only(run, family)
+            metrics[f"family/{family}/in_run"] = float(in_run)
+            metrics.update(_nest(stats(cfg), f"family/{family}"))
+        for s in sorted(strengths):
+            nested = _nest(stats(scale_augment(run, s)), f"strength/{s:g}")
+            metrics.update(nested)
+            for key, value in nested.items():
+                block, _, metric = key.partition(f"/strength/{s:g}/")
+                if block.startswith("block") and metric in ("routing_agreement", "routing_agreement_chance"):
+                    curve = block if metric == "routing_agreement" else f"{block}/chance"
+                    curves.setdefault(curve, []).append((float(s), value))
     return StabilityResult(metrics, curves)
 
 
 def _nest(stats: dict[str, float], scope: str) -> dict[str, float]:
     """``block2/routing_js -> block2/{scope}/routing_js``, ``routing_js -> {scope}/routing_js``.
 
-    Usage keys are dropped: expert usage is ``ssroute.eval.analytics``' business, on un-augmented images.
+    Expert usage (``expert_usage_entropy``, ``dead_experts``) is kept for the run's own augmentation (``scope=""``) only.
     """
+    kept = ("routing_agreement", "routing_agreement_chance", "routing_dropped_pairs", "routing_js")
+    if not scope:
+        kept += ("expert_usage_entropy", "dead_experts")
     out = {}
     for key, value in stats.items():
         block, _, metric = key.rpartition("/")
-        if metric in ("routing_agreement", "routing_agreement_chance", "routing_js"):
+        if metric in kept:
             out["/".join(part for part in (block, scope, metric) if part)] = value
     return out

@@ -21,8 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ssroute.registry import Registry
-from ssroute.routing.base import check_options
+from ssroute.registry import Registry, check_options
 
 
 @dataclass

@@ -11,7 +11,7 @@ runs over experts, never over tokens.
 bias shared by all experts and split equally among a token's routed rows
 (``bias / rows_of_token`` per row; the whole bias per soft-MoE slot, whose
 combine weights sum to 1), so with combine weights 1 a token gets the bias
-exactly once whatever its k. Upcycling (``ssroute.experts.upcycle``) uses it
+exactly once whatever its k. Upcycling (``ssroute.upcycle``) uses it
 to carry a dense FFN's ``fc2`` bias, so that the experts' sum at k = E is the
 dense FFN and fewer experts still add the full bias.
 

@@ -3,14 +3,19 @@
 ``x + attn(norm(x))`` then ``x + ffn(norm(x))``. The FFN slot takes any module
 ``[batch, tokens, dim] -> [batch, tokens, dim]``: the dense :class:`FeedForward`
 or an MoE layer (``ssroute.build_moe``), which is how routing blocks are made.
+An FFN with a ``forward_with_routing`` method (the MoE layer) hands its routing
+up: the block returns ``(tokens, routing)``, ``routing`` None for a dense FFN.
 
 >>> import torch
 >>> block = TransformerBlock(dim=32, heads=4, ffn=FeedForward(32, 64))
->>> block(torch.randn(2, 7, 32)).shape
-torch.Size([2, 7, 32])
+>>> y, routing = block(torch.randn(2, 7, 32))
+>>> y.shape, routing
+(torch.Size([2, 7, 32]), None)
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,8 +40,15 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = ffn
+        self.routed = hasattr(ffn, "forward_with_routing")
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``mask [batch, tokens]``: False marks padding that attention ignores (None = all tokens real)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """``mask [batch, tokens]``: False marks padding that attention ignores (None = all tokens real).
+
+        Returns the tokens and the FFN's routing (None for a dense FFN).
+        """
         x = x + self.attn(self.norm1(x), mask)
-        return x + self.ffn(self.norm2(x))
+        if self.routed:
+            y, routing = self.ffn.forward_with_routing(self.norm2(x))
+            return x + y, routing
+        return x + self.ffn(self.norm2(x)), None

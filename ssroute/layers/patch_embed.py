@@ -23,8 +23,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ssroute.data.correspondence import extract_patches
 from ssroute.errors import ConfigError
-from ssroute.patches.base import Patches, PatchSelector, extract_patches
+from ssroute.patches.base import Patches, PatchSelector
+
+
+def check_patch_size(patch_size: int, image_size: int, what: str | None = None, data: str | None = None) -> None:
+    """The one patch-size check: ``patch_size`` must divide ``image_size`` (a ConfigError listing the divisors)."""
+    if patch_size < 1 or image_size % patch_size:
+        divisors = [p for p in range(1, image_size + 1) if image_size % p == 0]
+        where = f"the {data} image size" if data else "the image size"
+        raise ConfigError(f"{what or f'model.patch_size={patch_size}'} does not divide {where} {image_size}; choose one of {divisors}.")
 
 
 def sincos_position(centres: torch.Tensor, dim: int, scale: float) -> torch.Tensor:
@@ -56,18 +65,13 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, channels: int, patch_size: int, dim: int, image_size: int, selector: PatchSelector | None = None) -> None:
         super().__init__()
-        if image_size % patch_size:
-            divisors = [p for p in range(1, image_size + 1) if image_size % p == 0]
-            raise ConfigError(
-                f"model.patch_size={patch_size} does not divide the image size {image_size}; choose one of {divisors}."
-            )
+        check_patch_size(patch_size, image_size)
         self.patch_size, self.image_size = patch_size, image_size
         self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("centres", grid_centres(image_size, patch_size), persistent=False)
         self.register_buffer("position", sincos_position(self.centres, dim, image_size), persistent=False)
         self.selector = selector
         self.dim = dim
-        self.recorded_patches: list[Patches] | None = None  # every forward's Patches while recording (ssroute.patches.record_patches)
 
     @property
     def num_tokens(self) -> int:
@@ -88,8 +92,6 @@ class PatchEmbed(nn.Module):
             patches = Patches(tokens, centres)
             if self.selector.halts:
                 patches.mask, patches.pool_weights, patches.aux_loss = self.selector.halt(tokens)
-        if self.recorded_patches is not None:
-            self.recorded_patches.append(patches)
         return patches
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

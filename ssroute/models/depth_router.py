@@ -21,24 +21,26 @@ halts at the first ``n`` with ``h_1 + ... + h_n >= 1 - halt_epsilon`` (or at
 ``S``; with ``stop_on_identity`` also when it picks an identity) and is not
 computed any more. Its output is ``sum_s a_s x_s`` with ``a_s = h_s`` before
 ``n`` and the remainder ``R = 1 - h_1 - ... - h_{n-1}`` at ``n``. The ponder cost
-``ponder_weight * mean(n + R) / S`` joins the training loss through the gradient
-(:class:`AttachLoss`, as Megatron-LM's ``MoEAuxLossAutoScaler``), so every
-training loop optimises it without knowing of it.
+``ponder_weight * mean(n + R) / S`` is returned in the forward's
+:class:`DepthTrace` (``ponder_loss``), which the backbone hands up as the
+``depth_ponder`` auxiliary loss.
 
 Shapes: ``tokens [batch, tokens, dim] -> [batch, tokens, dim]``; choices ``[batch, steps]``.
 
 >>> import torch
 >>> stack = DepthRoutedStack(dim=16, heads=2, pool_blocks=2, identity_blocks=1, max_steps=3).eval()
 >>> x = torch.randn(4, 5, 16)
->>> stack(x).shape
-torch.Size([4, 5, 16])
->>> torch.equal(stack(x, choices=torch.full((4, 3), 2)), x)  # choice 2 is the identity: input unchanged
+>>> y, trace = stack(x)
+>>> y.shape, tuple(trace.picks.shape)
+(torch.Size([4, 5, 16]), (4, 3))
+>>> torch.equal(stack(x, choices=torch.full((4, 3), 2))[0], x)  # choice 2 is the identity: input unchanged
 True
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -46,22 +48,17 @@ from torch import Tensor, nn
 from ssroute.errors import ConfigError
 from ssroute.layers.block import TransformerBlock
 from ssroute.layers.mlp import FeedForward
-from ssroute.models.depth_stats import DepthStats
 from ssroute.models.vit import _init_weights
 
 
-class AttachLoss(torch.autograd.Function):
-    """Identity on ``x`` whose backward also gives ``loss`` gradient 1, so ``loss`` joins any objective computed from ``x``."""
+@dataclass
+class DepthTrace:
+    """What one forward over depth decided."""
 
-    @staticmethod
-    def forward(ctx, x: Tensor, loss: Tensor) -> Tensor:
-        ctx.save_for_backward(loss)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
-        (loss,) = ctx.saved_tensors
-        return grad, torch.ones_like(loss)
+    picks: Tensor  # [batch, steps] choice per step, -1 once halted
+    halted_at: Tensor  # [batch] steps taken
+    ponder: Tensor | None  # mean ponder cost n + R (ACT only), detached
+    ponder_loss: Tensor | None  # ponder_weight * mean(n + R) / max_steps with its gradient (ACT only)
 
 
 def act_step(total: Tensor, h: Tensor, threshold: float, force: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -143,10 +140,6 @@ class DepthRoutedStack(nn.Module):
             if self.halt_head is not None:  # h = 1/S at first: images start by taking every step, the ponder cost trims
                 nn.init.constant_(self.halt_head.bias, -math.log(max(max_steps - 1, 1)))
         self.names = [f"b{j}" for j in range(pool_blocks)] + [f"id{j}" for j in range(identity_blocks)]
-        self.train_stats, self.eval_stats = (
-            DepthStats(max_steps, self.num_choices, pool_blocks),
-            DepthStats(max_steps, self.num_choices, pool_blocks),
-        )
 
     def state(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
         """Pooled, normalised image state ``[B, dim]`` (``weights [B, N]``: a weighted token mean)."""
@@ -169,8 +162,8 @@ class DepthRoutedStack(nn.Module):
         choices: Tensor | None = None,
         steps: int | None = None,
         outputs: list[Tensor] | None = None,
-    ) -> Tensor:
-        """Route ``x [B, N, dim]`` over depth.
+    ) -> tuple[Tensor, DepthTrace]:
+        """Route ``x [B, N, dim]`` over depth; returns the tokens and the :class:`DepthTrace` of the choices.
 
         ``mask [B, N]`` False = padding; ``weights [B, N]`` pool weights of the state; ``choices [B, S]`` forces the
         picks (tests, analysis); ``steps`` caps the steps; ``outputs``, when given, receives the state after each step.
@@ -213,15 +206,10 @@ class DepthRoutedStack(nn.Module):
             active = active.index_copy(0, index, ~halts)
             if outputs is not None:
                 outputs.append(result if self.halting and step == total_steps - 1 else x)
-        ponder = (halted_at + remainder).mean()  # Graves' ponder cost n + R; R carries the halting units' gradient
-        if self.training:  # evaluation statistics describe the weights as they are now
-            self.eval_stats.reset()
-        (self.train_stats if self.training else self.eval_stats).add(picks, halted_at, ponder.detach() if self.halting else None)
         if not self.halting:
-            return x
-        if self.ponder_weight > 0 and torch.is_grad_enabled() and result.requires_grad:
-            result = AttachLoss.apply(result, self.ponder_weight * ponder / self.max_steps)
-        return result
+            return x, DepthTrace(picks, halted_at, None, None)
+        ponder = (halted_at + remainder).mean()  # Graves' ponder cost n + R; R carries the halting units' gradient
+        return result, DepthTrace(picks, halted_at, ponder.detach(), self.ponder_weight * ponder / self.max_steps)
 
     def apply_step(self, x: Tensor, index: Tensor, choice: Tensor, gate: Tensor, mask: Tensor | None) -> Tensor:
         """Apply each image's chosen block: images ``index [A]`` grouped by ``choice [A]``, each pool block run once on its group.
@@ -236,16 +224,7 @@ class DepthRoutedStack(nn.Module):
                 group = index[order[start : start + count]]
                 gate_group = gate[order[start : start + count]].to(x.dtype)[:, None, None]
                 before = x[group]
-                after = block(before, None if mask is None else mask[group])
+                after, _ = block(before, None if mask is None else mask[group])
                 x = x.index_copy(0, group, after + gate_group * (after - before))
             start += count
         return x
-
-    def extra_metrics(self, training: bool) -> dict[str, float]:
-        """Routing statistics: of the training forwards since the last such call (then reset) when ``training``,
-        else of the evaluation forwards since the last training forward (with the layer-order matrix)."""
-        if training:
-            stats = self.train_stats.summary(self.names, order=False)
-            self.train_stats.reset()
-            return stats
-        return self.eval_stats.summary(self.names, order=True)

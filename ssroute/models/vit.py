@@ -4,27 +4,58 @@
 Blocks sit in a ``ModuleList`` and each block's FFN comes from ``ffn_factory(layer)``,
 so an MoE layer can replace any block's FFN and blocks can be trained one at a time.
 
+One forward serves every use: ``vit(images, end=b, frozen_below=a)`` runs the
+blocks ``[0, b)``, those below ``a`` (and the patch embedding with them) without
+autograd, and returns ``(features, aux)`` — the pooled features and a
+:class:`~ssroute.models.aux.ForwardAux` with each routed block's routing, the
+patches and the auxiliary losses. The pool uses the final LayerNorm only after
+the last block; a forward that stops earlier pools through a LayerNorm without
+learned scale, so a layerwise stage never trains (or depends on) the norm of a
+later one. ``segment`` substitutes the modules of the blocks ``[a, b)`` — what
+a momentum teacher does with its own copies while sharing the frozen prefix.
+
 >>> import torch
 >>> vit = ViT(image_size=8, channels=1, dim=32, depth=2, heads=4, patch_size=2)
->>> vit(torch.randn(5, 1, 8, 8)).shape
-torch.Size([5, 32])
+>>> features, aux = vit(torch.randn(5, 1, 8, 8))
+>>> features.shape, vit(torch.randn(5, 1, 8, 8), end=1)[0].shape
+(torch.Size([5, 32]), torch.Size([5, 32]))
 
 With a patch selector (``ssroute.patches``) the tokens are the selected patches;
-``last_patches`` holds the last forward's centres ``[batch, N, 2]`` (and, for a
-halting selector, the mask of patches taken, which attention and pooling obey).
+``aux.patches`` holds their centres ``[batch, N, 2]`` (and, for a halting
+selector, the mask of patches taken, which attention and pooling obey).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ssroute.layers.block import TransformerBlock
 from ssroute.layers.mlp import FeedForward
 from ssroute.layers.patch_embed import PatchEmbed
+from ssroute.models.aux import ForwardAux, router_aux_loss
+from ssroute.models.registry import check_model, register_model
 from ssroute.patches.base import Patches, PatchSelector
+
+
+class Segment(nn.Module):
+    """The modules a forward trains for the blocks ``[start, end)`` of a ViT.
+
+    Args:
+        patch_embed: the patch embedding when ``start == 0`` (None: it is in the frozen prefix).
+        blocks: the blocks ``[start, end)``.
+        norm: the final LayerNorm when ``end`` is the last block (None: the pool uses a norm without parameters).
+    """
+
+    def __init__(self, patch_embed: PatchEmbed | None, blocks: list[nn.Module], norm: nn.LayerNorm | None) -> None:
+        super().__init__()
+        self.patch_embed = patch_embed
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm
 
 
 class ViT(nn.Module):
@@ -67,45 +98,75 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, ffn_factory(i), dropout) for i in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.apply(_init_weights)
-        self.last_patches: Patches | None = None  # the last forward's tokens, centres and mask
 
-    def embed(self, images: torch.Tensor) -> Patches:
-        """Patch embedding of a batch; remembered as :attr:`last_patches`."""
-        self.last_patches = self.patch_embed.embed(images)
-        return self.last_patches
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
 
-    def tokens(self, images: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-        """``[batch, tokens, dim]`` after ``depth`` blocks (all by default), before the final norm."""
-        patches = self.embed(images)
-        x = patches.tokens
-        for block in self.blocks[:depth]:
-            x = block(x, patches.mask)
+    def segment(self, start: int = 0, end: int | None = None) -> Segment:
+        """The trainable modules of the blocks ``[start, end)`` (references to this ViT's own modules)."""
+        end = self.depth if end is None else end
+        return Segment(self.patch_embed if start == 0 else None, list(self.blocks[start:end]), self.norm if end == self.depth else None)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        end: int | None = None,
+        frozen_below: int = 0,
+        segment: Segment | None = None,
+        keep_blocks: bool = False,
+    ) -> tuple[torch.Tensor, ForwardAux]:
+        """Features ``[batch, dim]`` after the blocks ``[0, end)`` and what the forward computed.
+
+        Args:
+            images: ``[batch, channels, height, width]`` normalised images.
+            end: blocks to run (all by default).
+            frozen_below: blocks below this index (and the patch embedding, if > 0) run without autograd.
+            segment: modules to run in place of this ViT's own for the blocks ``[frozen_below, end)``.
+            keep_blocks: also return every block's output tokens (``aux.block_tokens``).
+        """
+        end = self.depth if end is None else end
+        own = segment is None
+        patch_embed = self.patch_embed if own or frozen_below > 0 else segment.patch_embed
+        trainable = self.blocks[frozen_below:end] if own else segment.blocks
+        norm = (self.norm if own else segment.norm) if end == self.depth else None
+        aux = ForwardAux(block_tokens=[] if keep_blocks else None)
+        with torch.no_grad() if frozen_below > 0 else nullcontext():
+            aux.patches = patch_embed.embed(images)
+            x = self._run(aux.patches.tokens, self.blocks[:frozen_below], 0, aux)
+        x = self._run(x, trainable, frozen_below, aux)
+        aux.losses.update(router_aux_loss(aux.routings, frozen_below))
+        if aux.patches.aux_loss is not None:
+            aux.losses["ponder"] = aux.patches.aux_loss
+        return self.pool(x, aux.patches.pool_weights, norm), aux
+
+    def _run(self, x: torch.Tensor, blocks, first: int, aux: ForwardAux) -> torch.Tensor:
+        for index, block in enumerate(blocks, start=first):
+            x, routing = block(x, aux.patches.mask)
+            if routing is not None:
+                aux.routings[index] = routing
+            if aux.block_tokens is not None:
+                aux.block_tokens.append(x)
         return x
-
-    def block_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """``[batch, tokens, dim]`` after each block, in order (for per-block analysis)."""
-        patches = self.embed(images)
-        x, outputs = patches.tokens, []
-        for block in self.blocks:
-            x = block(x, patches.mask)
-            outputs.append(x)
-        return outputs
-
-    def pool(self, tokens: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Final LayerNorm and mean over tokens (``weights [batch, tokens]`` summing to 1: a weighted mean) -> ``[batch, dim]``."""
-        if weights is None:
-            return self.norm(tokens).mean(dim=1)
-        return torch.einsum("bnd,bn->bd", self.norm(tokens), weights)
 
     def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Embedded tokens ``[batch, tokens, dim]`` through every block and the pool; ``mask`` False = padding."""
-        for block in self.blocks:
-            tokens = block(tokens, mask)
-        return self.pool(tokens, weights)
+        aux = ForwardAux(patches=Patches(tokens, tokens.new_zeros(*tokens.shape[:2], 2), mask, weights))
+        return self.pool(self._run(tokens, self.blocks, 0, aux), weights, self.norm)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        patches = self.embed(images)
-        return self.encode(patches.tokens, patches.mask, patches.pool_weights)
+    def embed(self, images: torch.Tensor) -> Patches:
+        """The patch embedding of a batch: tokens, centres (and mask, pool weights for a halting selector)."""
+        return self.patch_embed.embed(images)
+
+    @staticmethod
+    def pool(tokens: torch.Tensor, weights: torch.Tensor | None = None, norm: nn.Module | None = None) -> torch.Tensor:
+        """``norm`` (a LayerNorm without learned scale when None) and the mean over tokens
+        (``weights [batch, tokens]`` summing to 1: a weighted mean) -> ``[batch, dim]``."""
+        tokens = norm(tokens) if norm is not None else F.layer_norm(tokens, tokens.shape[-1:])
+        if weights is None:
+            return tokens.mean(dim=1)
+        return torch.einsum("bnd,bn->bd", tokens, weights)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -116,3 +177,46 @@ def _init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+@register_model("vit")
+def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | None) -> ViT:
+    """The ``model=vit`` backbone of a run config: MoE FFNs in the blocks ``model.moe_layers`` (or the stack's route blocks)."""
+    from ssroute.moe import build_moe
+
+    model = cfg.model
+    check_model(cfg)
+    hidden = int(model.mlp_ratio * model.dim)
+    moe_layers = set(model.moe_layers)
+    layer_k = dict(zip(model.moe_layers, model.moe_k, strict=False))
+
+    def ffn(layer: int) -> nn.Module:
+        if layer not in moe_layers:
+            return FeedForward(model.dim, hidden, model.activation)
+        router, experts = dict(cfg.router), dict(cfg.experts)
+        if layer in layer_k:
+            router["k"] = layer_k[layer]
+        return build_moe(
+            dim=model.dim,
+            hidden=model.expert_hidden or hidden,
+            num_experts=model.num_experts,
+            router=router.pop("name"),
+            experts=experts.pop("name"),
+            router_options=router,
+            expert_options=experts,
+            group_images=model.get("group_images", 1),
+        )
+
+    return ViT(
+        selector=selector,
+        image_size=image_size,
+        channels=channels,
+        dim=model.dim,
+        depth=model.depth,
+        heads=model.heads,
+        patch_size=model.patch_size,
+        mlp_ratio=model.mlp_ratio,
+        activation=model.activation,
+        dropout=model.dropout,
+        ffn_factory=ffn,
+    )

@@ -7,18 +7,20 @@ layerwise and fine-tuning's layer decay reaches only the patch embedding.
 
 >>> import torch
 >>> vit = DepthRoutedViT(image_size=8, channels=1, dim=32, heads=4, patch_size=2, pool_blocks=2, identity_blocks=1, max_steps=3)
->>> vit(torch.randn(5, 1, 8, 8)).shape
-torch.Size([5, 32])
->>> sorted(vit.extra_metrics(training=True))
-['depth/blocks_per_image', 'depth/compute_saved', 'depth/identity_share', 'depth/steps_per_image']
+>>> features, aux = vit(torch.randn(5, 1, 8, 8))
+>>> features.shape, tuple(aux.depth.picks.shape)
+(torch.Size([5, 32]), (5, 3))
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ssroute.errors import ConfigError
+from ssroute.models.aux import ForwardAux
 from ssroute.models.depth_router import DepthRoutedStack
+from ssroute.models.registry import register_model
 from ssroute.models.vit import ViT
 from ssroute.patches.base import PatchSelector
 
@@ -55,26 +57,23 @@ class DepthRoutedViT(ViT):
         super().__init__(image_size, channels, dim, 0, heads, patch_size, mlp_ratio, activation, dropout, selector=selector)
         self.stack = DepthRoutedStack(dim, heads, mlp_ratio=mlp_ratio, activation=activation, dropout=dropout, **routing)
 
-    def tokens(self, images: Tensor, depth: int | None = None) -> Tensor:
-        """``[batch, tokens, dim]`` after at most ``depth`` routed steps (all by default), before the final norm."""
+    def forward(self, images: Tensor, *, end: int | None = None, frozen_below: int = 0, segment=None, keep_blocks: bool = False) -> tuple[Tensor, ForwardAux]:
+        """Features ``[batch, dim]`` after at most ``end`` routed steps (all by default) and the forward's aux,
+        with the choices in ``aux.depth`` and the ACT ponder cost as ``aux.losses["depth_ponder"]``."""
+        if frozen_below or segment is not None:
+            raise ValueError("model=vit_depth shares its pool blocks across steps: it has no frozen prefix or segments to train apart")
         patches = self.embed(images)
-        return self.stack(patches.tokens, patches.mask, patches.pool_weights, steps=depth)
-
-    def block_outputs(self, images: Tensor) -> list[Tensor]:
-        """``[batch, tokens, dim]`` after each routed step (halted images keep their last state)."""
-        patches = self.embed(images)
-        outputs: list[Tensor] = []
-        self.stack(patches.tokens, patches.mask, patches.pool_weights, outputs=outputs)
-        return outputs
-
-    def encode(self, tokens: Tensor, mask: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
-        return self.pool(self.stack(tokens, mask, weights), weights)
-
-    def extra_metrics(self, training: bool) -> dict[str, float]:
-        """``depth/*`` routing statistics (see :meth:`DepthRoutedStack.extra_metrics`)."""
-        return self.stack.extra_metrics(training)
+        outputs: list[Tensor] | None = [] if keep_blocks else None
+        x, trace = self.stack(patches.tokens, patches.mask, patches.pool_weights, steps=end, outputs=outputs)
+        aux = ForwardAux(patches=patches, block_tokens=outputs, depth=trace)
+        if trace.ponder_loss is not None and torch.is_grad_enabled():
+            aux.losses["depth_ponder"] = trace.ponder_loss
+        if patches.aux_loss is not None:
+            aux.losses["ponder"] = patches.aux_loss
+        return self.pool(x, patches.pool_weights, self.norm), aux
 
 
+@register_model("vit_depth")
 def build_depth_routed_vit(cfg, image_size: int, channels: int, selector: PatchSelector | None = None) -> DepthRoutedViT:
     """The ``model=vit_depth`` backbone of run config ``cfg``; refuses what routing over depth does not support."""
     model, depth = cfg.model, cfg.model.depth_router

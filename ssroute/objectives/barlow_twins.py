@@ -7,7 +7,8 @@ Options (``ssl.options``): ``lambda_param`` (off-diagonal weight, default 0.005)
 >>> from ssroute.config import SSLConfig
 >>> encoder = nn.Linear(8, 16)
 >>> objective = BarlowTwins(encoder=encoder, dim=16, cfg=SSLConfig(proj_hidden=32, proj_dim=8))
->>> objective(encoder, [torch.randn(4, 8), torch.randn(4, 8)]).shape
+>>> views = [torch.randn(4, 8), torch.randn(4, 8)]
+>>> objective([encoder(v) for v in views], views, encoder).shape
 torch.Size([])
 """
 
@@ -37,6 +38,6 @@ class BarlowTwins(SSLObjective):
         self.head = BarlowTwinsProjectionHead(dim, cfg.proj_hidden, cfg.proj_dim)
         self.loss = BarlowTwinsLoss(lambda_param=lambda_param, gather_distributed=True)
 
-    def forward(self, encoder: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
-        z0, z1 = (self.head(encoder(v)) for v in views[:2])
+    def forward(self, features: list[torch.Tensor], views: list[torch.Tensor], encoder) -> torch.Tensor:
+        z0, z1 = (self.head(f) for f in features[:2])
         return self.loss(z0, z1)

@@ -5,7 +5,8 @@
 >>> from ssroute.config import SSLConfig
 >>> encoder = nn.Linear(8, 16)
 >>> objective = BYOL(encoder=encoder, dim=16, cfg=SSLConfig(proj_hidden=32, proj_dim=8))
->>> objective(encoder, [torch.randn(4, 8), torch.randn(4, 8)]).shape
+>>> views = [torch.randn(4, 8), torch.randn(4, 8)]
+>>> objective([encoder(v) for v in views], views, encoder).shape
 torch.Size([])
 """
 
@@ -37,10 +38,13 @@ class BYOL(SSLObjective):
         self.teacher = MomentumTeacher(encoder, self.projection, make_projection, cfg.momentum)
         self.loss = NegativeCosineSimilarity()
 
-    def forward(self, encoder: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
-        p0, p1 = (self.prediction(self.projection(encoder(v))) for v in views[:2])
-        t0, t1 = (self.teacher(v) for v in views[:2])
+    def forward(self, features: list[torch.Tensor], views: list[torch.Tensor], encoder) -> torch.Tensor:
+        p0, p1 = (self.prediction(self.projection(f)) for f in features[:2])
+        t0, t1 = (self.teacher(v, encoder) for v in views[:2])
         return 0.5 * (self.loss(p0, t1) + self.loss(p1, t0))
 
-    def on_step_end(self, encoder: nn.Module, progress: float) -> None:
+    def on_step_end(self, encoder, progress: float) -> None:
         self.teacher.update(encoder, self.projection, progress)
+
+    def start_phase(self, encoder) -> None:
+        self.teacher.sync(encoder, self.projection)

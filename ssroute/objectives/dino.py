@@ -8,7 +8,8 @@ Options (``ssl.options``): ``prototypes`` (output width, default 1024),
 >>> from ssroute.config import SSLConfig
 >>> encoder = nn.Linear(8, 16)
 >>> objective = DINO(encoder=encoder, dim=16, cfg=SSLConfig(proj_hidden=32, proj_dim=8), prototypes=64)
->>> objective(encoder, [torch.randn(4, 8), torch.randn(4, 8)]).shape
+>>> views = [torch.randn(4, 8), torch.randn(4, 8)]
+>>> objective([encoder(v) for v in views], views, encoder).shape
 torch.Size([])
 """
 
@@ -50,10 +51,13 @@ class DINO(SSLObjective):
         )
         self.epoch = 0
 
-    def forward(self, encoder: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
-        teacher_out = [self.teacher(v) for v in views[:2]]
-        student_out = [self.head(encoder(v)) for v in views]
+    def forward(self, features: list[torch.Tensor], views: list[torch.Tensor], encoder) -> torch.Tensor:
+        teacher_out = [self.teacher(v, encoder) for v in views[:2]]
+        student_out = [self.head(f) for f in features]
         return self.loss(teacher_out, student_out, epoch=self.epoch)
 
-    def on_step_end(self, encoder: nn.Module, progress: float) -> None:
+    def on_step_end(self, encoder, progress: float) -> None:
         self.teacher.update(encoder, self.head, progress)
+
+    def start_phase(self, encoder) -> None:
+        self.teacher.sync(encoder, self.head)

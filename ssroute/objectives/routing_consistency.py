@@ -11,6 +11,8 @@ usage (SwAV's equipartition); with ``balance="entropy"`` the loss adds the
 negative entropy of mean expert usage.
 
 Shapes: ``probs`` ``[batch, tokens, experts]`` per view; partners and masks ``[batch, tokens]``.
+:func:`consistency_over_blocks` applies the loss to the routings of two views'
+forwards (``ForwardAux.routings``), block by block.
 
 >>> import torch
 >>> probs = torch.softmax(torch.randn(2, 4, 3), dim=-1)
@@ -24,9 +26,14 @@ Shapes: ``probs`` ``[batch, tokens, experts]`` per view; partners and masks ``[b
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+
+from ssroute.data.correspondence import Correspondence
+from ssroute.routing import Routing
+from ssroute.routing.image import ImageRouting
 
 EPS = 1e-8
 
@@ -69,7 +76,7 @@ def _swapped_cross_entropy(student: Tensor, teacher: Tensor, partner: Tensor, va
     return -(target * torch.log(rows_student.clamp_min(EPS))).sum(dim=-1).mean()
 
 
-def usage_entropy(probs: Tensor, mask: Tensor | None = None) -> Tensor:
+def batch_usage_entropy(probs: Tensor, mask: Tensor | None = None) -> Tensor:
     """Entropy of mean expert usage over the (masked) tokens, normalised to [0, 1]."""
     rows = probs.reshape(-1, probs.shape[-1]) if mask is None else probs[mask]
     usage = rows.mean(dim=0)
@@ -108,7 +115,7 @@ def routing_consistency_loss(
         + _swapped_cross_entropy(probs2, probs1, partner21, valid21, temperature, balance)
     )
     if balance == "entropy":
-        loss = loss - entropy_weight * 0.5 * (usage_entropy(probs1, valid12) + usage_entropy(probs2, valid21))
+        loss = loss - entropy_weight * 0.5 * (batch_usage_entropy(probs1, valid12) + batch_usage_entropy(probs2, valid21))
     return loss
 
 
@@ -146,3 +153,31 @@ def image_routing_consistency_loss(
         balance=balance,
         entropy_weight=entropy_weight,
     )
+
+
+def consistency_over_blocks(
+    routings: tuple[dict[int, Routing], dict[int, Routing]],
+    matches: tuple[Correspondence, Correspondence],
+    blocks: Iterable[int],
+    cfg,
+) -> Tensor | None:
+    """Mean swapped-prediction loss over the routed ``blocks`` between two views' routings (None if none ran).
+
+    Patches are partnered by ``matches``; routings of whole images (:class:`ImageRouting`) take the
+    image-level variant, where the two views of an image are partners. ``cfg``: ``temperature``,
+    ``balance``, ``entropy_weight`` (``ssroute.config.ConsistencyConfig``).
+    """
+    m12, m21 = matches
+    options = {"temperature": cfg.temperature, "balance": cfg.balance, "entropy_weight": cfg.entropy_weight}
+    batch = m12.partner.shape[0]
+    losses = []
+    for block in blocks:
+        if block not in routings[0] or block not in routings[1]:
+            continue
+        first, second = routings[0][block], routings[1][block]
+        if isinstance(first, ImageRouting):
+            losses.append(image_routing_consistency_loss(first.image_probs, second.image_probs, **options))
+        else:
+            probs1, probs2 = (r.probs.view(batch, -1, r.num_experts) for r in (first, second))
+            losses.append(routing_consistency_loss(probs1, probs2, m12.partner, m12.valid, m21.partner, m21.valid, **options))
+    return torch.stack(losses).mean() if losses else None

@@ -7,7 +7,8 @@ Options (``ssl.options``): ``lambda_param``, ``mu_param``, ``nu_param`` (lightly
 >>> from ssroute.config import SSLConfig
 >>> encoder = nn.Linear(8, 16)
 >>> objective = VICReg(encoder=encoder, dim=16, cfg=SSLConfig(proj_hidden=32, proj_dim=8))
->>> objective(encoder, [torch.randn(4, 8), torch.randn(4, 8)]).shape
+>>> views = [torch.randn(4, 8), torch.randn(4, 8)]
+>>> objective([encoder(v) for v in views], views, encoder).shape
 torch.Size([])
 """
 
@@ -39,6 +40,6 @@ class VICReg(SSLObjective):
         self.head = VICRegProjectionHead(dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2)
         self.loss = VICRegLoss(lambda_param=lambda_param, mu_param=mu_param, nu_param=nu_param, gather_distributed=True)
 
-    def forward(self, encoder: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
-        z0, z1 = (self.head(encoder(v)) for v in views[:2])
+    def forward(self, features: list[torch.Tensor], views: list[torch.Tensor], encoder) -> torch.Tensor:
+        z0, z1 = (self.head(f) for f in features[:2])
         return self.loss(z0, z1)

@@ -11,16 +11,9 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from ssroute.data.correspondence import extract_patches
 from ssroute.patches import entropy, maxsum, sequential, uniform  # noqa: F401  (registration)
-from ssroute.patches.base import (
-    PATCH_SELECTORS,
-    Patches,
-    PatchSelector,
-    candidate_centres,
-    extract_patches,
-    record_patches,
-    selection_aux_loss,
-)
+from ssroute.patches.base import PATCH_SELECTORS, Patches, PatchSelector, candidate_centres
 
 __all__ = [
     "PATCH_SELECTORS",
@@ -29,8 +22,6 @@ __all__ = [
     "build_patch_selector",
     "candidate_centres",
     "extract_patches",
-    "record_patches",
-    "selection_aux_loss",
 ]
 
 

@@ -19,12 +19,9 @@ lattice: ``[candidates, 2]`` centres in row-major order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssroute.errors import ConfigError
@@ -74,52 +71,7 @@ def candidate_centres(image_size: int, patch_size: int, stride: int, device: tor
     return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
 
 
-def extract_patches(images: Tensor, centres: Tensor, patch_size: int) -> Tensor:
-    """Pixels of square patches at continuous centres: ``[B, C, H, W], [B, N, 2] -> [B, N, C * p * p]``.
-
-    Flattened as ``(channel, row, column)``, the layout of a ``Conv2d`` kernel, so a
-    patch embedding's convolution weights apply to it as a linear map. Outside the
-    image counts as 0.
-    """
-    batch, channels, height, width = images.shape
-    offsets = torch.arange(patch_size, device=images.device, dtype=centres.dtype) - (patch_size - 1) / 2
-    dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
-    x = centres[:, :, None, None, 0] + dx  # [B, N, p, p]
-    y = centres[:, :, None, None, 1] + dy
-    # grid_sample's align_corners=False coordinates: pixel index i sits at (2 i + 1) / size - 1
-    grid = torch.stack([(2 * x + 1) / width - 1, (2 * y + 1) / height - 1], dim=-1)
-    sampled = F.grid_sample(
-        images, grid.reshape(batch, -1, patch_size, 2).to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
-    )
-    return sampled.view(batch, channels, -1, patch_size, patch_size).transpose(1, 2).flatten(2)  # [B, N, C*p*p]
-
-
 def overlaps(centres_a: Tensor, centres_b: Tensor, patch_size: int) -> Tensor:
     """``[..., A, 2], [..., B, 2] -> [..., A, B]``: the two square patches share a pixel area."""
     gap = (centres_a[..., :, None, :] - centres_b[..., None, :, :]).abs()
     return (gap < patch_size - 1e-6).all(dim=-1)
-
-
-@contextmanager
-def record_patches(model: nn.Module) -> Iterator[list[Patches]]:
-    """Collect every forward's :class:`Patches` of the patch embeddings in ``model``, in call order.
-
-    An SSL objective runs the encoder once per view, so ``recorded[v]`` holds
-    view ``v``'s centres (and mask) — what view correspondences need when each
-    view selects its own patches.
-    """
-    embeds = [m for m in model.modules() if hasattr(m, "recorded_patches")]
-    recorded: list[Patches] = []
-    for embed in embeds:
-        embed.recorded_patches = recorded
-    try:
-        yield recorded
-    finally:
-        for embed in embeds:
-            embed.recorded_patches = None
-
-
-def selection_aux_loss(recorded: list[Patches]) -> Tensor | None:
-    """Mean auxiliary loss (ponder cost) over the recorded forwards; None when the selector has none."""
-    losses = [p.aux_loss for p in recorded if p.aux_loss is not None]
-    return torch.stack(losses).mean() if losses else None

@@ -2,7 +2,7 @@
 
 Every router registers itself in :data:`ROUTERS` on import; build one with
 ``build_router(name, dim=..., num_experts=..., **options)``. A router returns a
-:class:`Routing` (data); ``ssroute.layers.moe.MoELayer`` executes it.
+:class:`Routing` (data); ``ssroute.moe.MoELayer`` executes it.
 """
 
 from ssroute.routing import dynamic_k, expert_choice, hashing, image, selection, set_matching, soft_moe, token_choice, vq  # noqa: F401  (registration)

@@ -2,7 +2,7 @@
 
 Routing is data, execution is separate (as google-research/vmoe separates
 routing tensors from dispatchers). A router maps tokens ``[tokens, dim]`` to a
-:class:`Routing`; ``ssroute.layers.moe.MoELayer`` executes it.
+:class:`Routing`; ``ssroute.moe.MoELayer`` executes it.
 
 A sparse routing keeps its assignments as three 1-D tensors of equal length
 ``[pairs]`` — ``token``, ``expert``, ``weight`` — so top-k, expert choice, set
@@ -20,7 +20,6 @@ and set matching act per image as in V-MoE.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ssroute.errors import ConfigError
-from ssroute.registry import Registry
+from ssroute.registry import Registry, check_options
 from ssroute.routing.capacity import bucket_positions
 
 
@@ -93,6 +92,61 @@ class Routing:
         group = self.token // self.tokens_per_group
         flat = torch.bincount(group * self.num_experts + self.expert, minlength=self.num_groups * self.num_experts)
         return flat.view(self.num_groups, self.num_experts)
+
+    def executed_mass(self) -> Tensor:
+        """``[tokens, experts]`` combine weight each token receives from each expert: what was executed.
+
+        Sparse routings sum the kept assignments' weights (zero rows for dropped
+        tokens); soft routings sum each token's combine weights over an expert's slots.
+        """
+        if self.is_soft:
+            return self.combine_weights.detach().sum(dim=-1).reshape(self.num_tokens, self.num_experts).float()
+        mass = torch.zeros(self.num_tokens, self.num_experts, dtype=torch.float32, device=self.probs.device)
+        return mass.index_put_((self.token, self.expert), self.weight.detach().float(), accumulate=True)
+
+    def executed_top1(self) -> Tensor:
+        """``[tokens]`` the expert with the largest executed combine weight, ``-1`` for tokens nothing executed.
+
+        This, not ``probs.argmax``, is what routing agreement counts: for random
+        routers ``probs`` is uniform, and for expert choice, set matching or
+        capacity drops the executed expert is not the router's preference.
+        """
+        mass = self.executed_mass()
+        return torch.where(mass.sum(dim=-1) > 0, mass.argmax(dim=-1), torch.full_like(mass[:, 0], -1, dtype=torch.long))
+
+    def executed_distribution(self) -> Tensor:
+        """``[tokens, experts]`` the executed combine mass normalised per token (zero rows for dropped tokens)."""
+        mass = self.executed_mass()
+        return mass / mass.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def split(self, parts: int) -> list[Routing]:
+        """The routings of ``parts`` equal runs of tokens (e.g. the two views of one forward over both), each on its own
+        token indices. Parts must hold whole routing groups."""
+        rows = self.num_tokens // parts
+        if rows * parts != self.num_tokens or rows % self.tokens_per_group:
+            raise ValueError(f"cannot split {self.num_tokens} tokens in groups of {self.tokens_per_group} into {parts} equal parts")
+        out = []
+        part_of = torch.div(self.token, rows, rounding_mode="floor")
+        for i in range(parts):
+            mine = part_of == i
+            fields_ = {f.name: getattr(self, f.name) for f in fields(self)}
+            fields_.update(
+                probs=self.probs[i * rows : (i + 1) * rows],
+                token=self.token[mine] - i * rows,
+                expert=self.expert[mine],
+                weight=self.weight[mine],
+                num_dropped=rows - (torch.bincount(self.token[mine] - i * rows, minlength=rows) > 0).sum(),
+            )
+            groups = rows // self.tokens_per_group
+            for name in ("dispatch_weights", "combine_weights"):
+                if fields_[name] is not None:
+                    fields_[name] = fields_[name][i * groups : (i + 1) * groups]
+            out.append(self._split_extra(replace(self, **fields_), i, parts))
+        return out
+
+    def _split_extra(self, part: Routing, index: int, parts: int) -> Routing:
+        """Subclasses with extra per-image fields split them here."""
+        return part
 
     def detach(self) -> Routing:
         return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self) if isinstance(getattr(self, f.name), Tensor)})
@@ -203,20 +257,6 @@ def check_capacity_factor(router: str, capacity_factor: float | None) -> float |
             f"router {router}: capacity_factor={capacity_factor} must be > 0; use a positive factor, or null for no capacity limit."
         )
     return capacity_factor
-
-
-def option_names(constructor: Callable[..., Any], fixed: tuple[str, ...]) -> list[str]:
-    params = inspect.signature(constructor).parameters
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [n for n, p in params.items() if p.kind in kinds and n not in fixed and n != "self"]
-
-
-def check_options(kind: str, name: str, constructor: Callable[..., Any], options: dict[str, Any], fixed: tuple[str, ...]) -> None:
-    """Reject unknown keyword options with one sentence instead of a TypeError."""
-    valid = option_names(constructor, fixed)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"{kind} {name!r} has no option {', '.join(map(repr, unknown))}; valid options: {', '.join(valid) or 'none'}.")
 
 
 ROUTERS: Registry[type[Router]] = Registry("router")

@@ -5,10 +5,9 @@ Transformers via Sparse Mixture-of-Experts", arXiv 2309.04354) routes whole
 images instead of patches: the router sees the image's pooled representation
 (here the mean of its tokens), picks ``k`` experts, and all of the image's
 tokens run through them — a per-image choice of sub-network continuation. The
-router can also be trained to predict a *super-class* of the image
-(``ssroute.routing.superclass``): a cross-entropy of its image logits to the
-super-class ids set with :meth:`ImageRouter.set_superclass_targets` joins its
-auxiliary loss.
+router can also be trained to predict a *super-class* of the image: the
+training loop adds a cross-entropy of the returned ``image_probs`` to the
+super-class ids (``ssroute.objectives.superclass``).
 
 The MoE layer passes ``tokens_per_group`` = tokens per image, so a group is an
 image. The image's top-k choice is expanded to (token, expert, weight) triples,
@@ -31,10 +30,9 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssroute.routing.base import Router, Routing, check_k, register_router, sparse_routing
@@ -44,9 +42,16 @@ from ssroute.routing.token_choice import check_normalize, noisy_top_k
 
 @dataclass
 class ImageRouting(Routing):
-    """A :class:`Routing` decided per image; ``image_probs`` ``[images, experts]`` is each image's distribution."""
+    """A :class:`Routing` decided per image; ``image_probs`` ``[images, experts]`` is each image's distribution and
+    ``pooled`` ``[images, dim]`` the mean token it was decided from."""
 
     image_probs: Tensor | None = None
+    pooled: Tensor | None = None
+
+    def _split_extra(self, part: Routing, index: int, parts: int) -> Routing:
+        images = self.image_probs.shape[0] // parts
+        rows = slice(index * images, (index + 1) * images)
+        return replace(part, image_probs=self.image_probs[rows], pooled=None if self.pooled is None else self.pooled[rows])
 
 
 @register_router("image")
@@ -87,11 +92,6 @@ class ImageRouter(Router):
         self.normalize_weights = normalize_weights
         check_normalize(self.name, self.k, normalize_weights)
         self.gate = nn.Linear(dim, num_experts, bias=False)
-        # super-class training (ssroute.routing.superclass): per-image targets of the next training forwards
-        self.superclass_targets: Tensor | None = None
-        self.superclass_weight = 0.0
-        self.last_superclass_loss: Tensor | None = None
-        self.last_superclass_accuracy: Tensor | None = None
 
     def set_k(self, k: int) -> None:
         check_normalize(self.name, k, self.normalize_weights)
@@ -104,17 +104,12 @@ class ImageRouter(Router):
         # the mean pool adds each token once; the gate runs once per image, shared by its tokens
         return float(self.dim) + 2.0 * self.dim * self.num_experts / tokens_per_group
 
-    def set_superclass_targets(self, targets: Tensor | None, weight: float = 1.0) -> None:
-        """Train towards ``targets`` ``[images]`` (super-class ids) in the following training forwards; None stops."""
-        self.superclass_targets, self.superclass_weight = targets, float(weight)
-        if targets is not None:
-            self.last_superclass_loss = self.last_superclass_accuracy = None
-
     def forward(self, tokens: Tensor, tokens_per_group: int | None = None) -> ImageRouting:
         n = self.group_size(tokens, tokens_per_group)
         images = tokens.shape[0] // n
         noise = self.noise_std if self.training else 0.0
-        logits = self.gate(tokens.reshape(images, n, self.dim).mean(dim=1))
+        pooled = tokens.reshape(images, n, self.dim).mean(dim=1)
+        logits = self.gate(pooled)
         g = noisy_top_k(logits, self.k, noise, self.normalize_weights)  # rows are images
         image_probs = g.probs
         # token t of image i takes image i's k choices, pairs ordered token-major like token choice's
@@ -131,18 +126,6 @@ class ImageRouter(Router):
             load_weight=self.load_weight,
             z_loss_weight=self.z_loss_weight,
         )
-        aux = aux + self._superclass_loss(g.noisy, images)
         probs = image_probs.repeat_interleave(n, dim=0)
         base = sparse_routing(probs, token, expert, weight, n, aux)
-        return ImageRouting(**{name: getattr(base, name) for name in base.__dataclass_fields__}, image_probs=image_probs)
-
-    def _superclass_loss(self, logits: Tensor, images: int) -> Tensor:
-        targets = self.superclass_targets
-        if targets is None or not self.training or not torch.is_grad_enabled():
-            return logits.new_zeros(())
-        if targets.shape != (images,):
-            raise ValueError(f"super-class targets have shape {tuple(targets.shape)} but the forward routes {images} images")
-        loss = F.cross_entropy(logits.float(), targets)
-        self.last_superclass_loss = loss.detach()
-        self.last_superclass_accuracy = (logits.detach().argmax(dim=-1) == targets).float().mean()
-        return self.superclass_weight * loss
+        return ImageRouting(**{name: getattr(base, name) for name in base.__dataclass_fields__}, image_probs=image_probs, pooled=pooled.detach())

@@ -4,7 +4,7 @@ MoEfication (Zhang et al. 2022, "MoEfication: Transformer Feed-forward Layers
 are Mixtures of Experts") splits a trained dense FFN into experts and picks,
 per token, the ``k`` experts whose neurons would be the most active. The
 ``mlp_selection`` router is that selector: a two-layer MLP ``dim -> hidden ->
-experts`` whose scores are trained (``ssroute.experts.upcycle``) to predict each
+experts`` whose scores are trained (``ssroute.upcycle``) to predict each
 expert's share of the token's hidden activation mass, then top-k. The first
 layer can start from the cluster centroids (:meth:`init_from_centroids`), so
 before training the score of expert ``e`` is the activation of its mean neuron.

@@ -25,7 +25,6 @@ that stays cheap on a CPU at inference.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -118,8 +117,8 @@ class VQRouter(Router):
 
     @torch.no_grad()
     def init_codebook(self, data: Tensor, iters: int = 20, seed: int = 0) -> None:
-        """k-means (faiss) initialisation from tokens ``[samples, dim]``."""
-        import faiss
+        """k-means (faiss, ``ssroute.kmeans``) initialisation from tokens ``[samples, dim]``."""
+        from ssroute.kmeans import kmeans
 
         if data.dim() != 2 or data.shape[1] != self.dim:
             raise ConfigError(
@@ -131,12 +130,7 @@ class VQRouter(Router):
         if z.shape[0] < num_codes:  # too few points for k-means: start at distinct samples
             centroids = z[torch.randint(z.shape[0], (num_codes,), device=z.device)]
         else:
-            points = np.ascontiguousarray(z.detach().float().cpu().numpy())
-            kmeans = faiss.Kmeans(
-                self.code_dim, num_codes, niter=iters, seed=seed, verbose=False, min_points_per_centroid=1, gpu=faiss.get_num_gpus() > 0
-            )
-            kmeans.train(points)
-            centroids = torch.from_numpy(kmeans.centroids).to(self.codebook)
+            centroids = kmeans(z, num_codes, iters, seed, plus_plus=False)[1].to(self.codebook)
         self.set_codebook(centroids)
 
     @torch.no_grad()

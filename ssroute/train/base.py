@@ -17,6 +17,10 @@ import torch
 from ssroute.data.loader import ResumableLoader
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops and the last good checkpoint is kept."""
+
+
 class ResumableModule(pl.LightningModule):
     """Base class: subclasses set ``self.cfg`` and may override :meth:`after_optimizer_step`."""
 
@@ -45,30 +49,21 @@ class ResumableModule(pl.LightningModule):
     def after_optimizer_step(self) -> None:
         """Per-step updates that must be in the next checkpoint (EMA teachers, schedules)."""
 
-    def find_moe_layers(self, model: torch.nn.Module) -> list:
-        """The model's MoE layers, looked up once so steps do not walk the module tree."""
-        from ssroute.layers.moe import MoELayer
+    def log_routing(self, aux) -> None:
+        """Per-expert load share and dropped-token share of every routed block of this step's forward
+        (``aux``: a :class:`~ssroute.models.aux.ForwardAux`), and the ``depth/*`` statistics of routing over depth."""
+        for block, routing in aux.routings.items():
+            load = routing.load().float()
+            for expert, share in enumerate(load / load.sum().clamp_min(1)):
+                self.log(f"block{block}/load_e{expert}", share)
+            self.log(f"block{block}/dropped", routing.num_dropped.float() / routing.num_tokens)
+        if aux.depth is not None:
+            from ssroute.models.depth_stats import DepthStats
 
-        return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-    def moe_aux_loss(self) -> torch.Tensor | None:
-        """Sum of the last forward's auxiliary router losses (None for a dense model)."""
-        if not self.moe_layers:
-            return None
-        return torch.stack([layer.aux_loss.float() for layer in self.moe_layers]).sum()
-
-    def log_routing(self, model: torch.nn.Module) -> None:
-        """Per-expert load share and dropped-token share of every MoE block of ``model`` (this step)."""
-        from ssroute.layers.moe import MoELayer
-
-        for name, module in model.named_modules():
-            if isinstance(module, MoELayer) and module.last_routing is not None:
-                block = name.split(".")[1] if name.startswith("blocks.") else name
-                load = module.last_load.float()
-                for expert, share in enumerate(load / load.sum().clamp_min(1)):
-                    self.log(f"block{block}/load_e{expert}", share)
-                routing = module.last_routing
-                self.log(f"block{block}/dropped", routing.num_dropped.float() / routing.num_tokens)
+            stack = self.backbone.stack
+            stats = DepthStats(stack.max_steps, stack.num_choices, stack.num_blocks)
+            stats.add(aux.depth.picks, aux.depth.halted_at, aux.depth.ponder)
+            self.log_dict(stats.summary(stack.names, order=False))
 
     @property
     def progress(self) -> float:

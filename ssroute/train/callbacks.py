@@ -1,4 +1,9 @@
-"""Lightning callbacks of the training runs.
+"""Lightning callbacks of the training runs: what is measured while training, apart from the step.
+
+:class:`OnlineMonitor` measures the training as it goes — weighted kNN on a
+fixed subset and routing agreement of corresponding patches on held-out images
+under the training augmentations, with the same code as the final evaluation
+(``ssroute.eval``) — every ``every_n_epochs`` epochs.
 
 :class:`RoutingFluctuation` records how routing moves during training
 (StableMoE, Dai et al. 2022, arXiv 2204.08396; the metrics are in
@@ -20,16 +25,17 @@ record; at the end it is written to ``<run>/routing_history.pt``:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+from ssroute.eval.features import evaluating
 from ssroute.eval.fluctuation import fluctuation_metrics, top1_experts
-from ssroute.layers.moe import MoELayer, record_routing
+from ssroute.eval.knn import knn_accuracy
+from ssroute.io import save_atomic
+from ssroute.moe import moe_layers
 
 
 class RoutingFluctuation(pl.Callback):
@@ -67,31 +73,22 @@ class RoutingFluctuation(pl.Callback):
             self._probe_images = torch.stack([split[i][0] for i in range(self.probe_count)])
         return self._probe_images
 
-    @torch.no_grad()
     def snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record every MoE block's top-1 expert per probe token at the current step."""
         backbone = pl_module.backbone
-        layers = [m for m in backbone.modules() if isinstance(m, MoELayer)]
-        if not layers:
+        if not moe_layers(backbone):
             return
         images = self._probe(pl_module)
-        modes = {m: m.training for m in backbone.modules()}
-        # the probe must not leave traces: the MoE layers' last routing feeds accounting, and
-        # randomness (random routers) must stay where training expects it for exact resumes
-        kept = [(m.aux_loss, m.last_routing, m.last_load) for m in layers]
-        backbone.eval()
-        devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), record_routing(backbone) as recorded:
+        found: dict[int, list[torch.Tensor]] = {}
+        # eval mode, no autograd, own random stream: the probe must leave no trace in the training (exact resumes)
+        with evaluating(backbone, seed=trainer.global_step):
             for chunk in images.split(self.batch_size):
-                backbone(pl_module.augment.normalize(chunk.to(pl_module.device)))
-        for module, training in modes.items():
-            module.training = training
-        for layer, (aux, routing, load) in zip(layers, kept, strict=True):
-            layer.aux_loss, layer.last_routing, layer.last_load = aux, routing, load
-        for name, routings in recorded.items():
-            top1 = torch.cat([top1_experts(r) for r in routings]).to("cpu", torch.int16)
-            self.snapshots.setdefault(name, []).append(top1)
-            self.tokens_per_image = routings[0].tokens_per_group
+                _, aux = backbone(pl_module.augment.normalize(chunk.to(pl_module.device)))
+                for block, routing in aux.routings.items():
+                    found.setdefault(block, []).append(top1_experts(routing))
+                    self.tokens_per_image = routing.num_tokens // chunk.shape[0]
+        for block, parts in found.items():
+            self.snapshots.setdefault(f"blocks.{block}.ffn", []).append(torch.cat(parts).to("cpu", torch.int16))
         self.steps.append(trainer.global_step)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -108,8 +105,6 @@ class RoutingFluctuation(pl.Callback):
             self.snapshot(trainer, pl_module)
         if not self.steps:
             return
-        if hasattr(pl_module, "final_metrics"):  # pretraining writes these into metrics.json
-            pl_module.final_metrics.update(self.metrics())
         if self.run_dir is not None and trainer.is_global_zero:
             save_atomic(self.history(), self.run_dir / "routing_history.pt")
 
@@ -141,21 +136,66 @@ class RoutingFluctuation(pl.Callback):
         self.tokens_per_image = state_dict["tokens_per_image"]
 
 
-def save_atomic(payload: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        torch.save(payload, handle)
-    os.replace(tmp, path)
+class OnlineMonitor(pl.Callback):
+    """kNN accuracy and routing agreement while training, every ``every_n_epochs`` epochs and at the end.
+
+    Cheap by design: the weighted kNN uses the first ``train_images`` labelled
+    training images as references and the first ``held_out_images`` held-out
+    images as queries; agreement pairs two views (the training augmentations) of
+    the first ``routing_images`` held-out images once. Rank 0 measures; the
+    values go to the progress bar and the log (``monitor/...``), never into
+    ``metrics.json``, which the full evaluation at the end writes.
+
+    Args:
+        every_n_epochs: epochs between measurements (positive).
+        train_images, held_out_images, routing_images: subset sizes.
+        batch_size: images per forward.
+    """
+
+    def __init__(self, every_n_epochs: int, train_images: int = 2048, held_out_images: int = 1024, routing_images: int = 256, batch_size: int = 512) -> None:
+        if every_n_epochs <= 0:
+            raise ValueError(f"every_n_epochs must be positive, got {every_n_epochs}")
+        self.every_n_epochs, self.batch_size = every_n_epochs, batch_size
+        self.sizes = (train_images, held_out_images, routing_images)
+        self._sets: tuple[torch.Tensor, ...] | None = None
+
+    def _subsets(self, module: pl.LightningModule) -> tuple[torch.Tensor, ...]:
+        if self._sets is None:
+            from ssroute.eval.evaluation import held_out_images
+
+            data = module.data
+            train = data.probe_train
+            count = min(self.sizes[0], len(train))
+            train_x = train.images[:count] if train.images is not None else torch.stack([train[i][0] for i in range(count)])
+            test_x, test_y = held_out_images(data, self.sizes[1])
+            self._sets = (train_x, train.labels[:count], test_x, test_y)
+        return self._sets
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0 or trainer.current_epoch + 1 == trainer.max_epochs:
+            self.measure(trainer, module)
+
+    def measure(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from ssroute.eval.stability import measure as measure_agreement
+
+        metrics: dict[str, float] = {}
+        backbone = module.backbone
+        if module.data.labeled and module.data.test is not None:
+            train_x, train_y, test_x, test_y = self._subsets(module)
+            embed = lambda x: torch.cat([backbone(module.augment.normalize(c.to(module.device)))[0].float().cpu() for c in x.split(self.batch_size)])  # noqa: E731
+            with evaluating(backbone):
+                metrics["knn_top1"] = knn_accuracy(embed(train_x), train_y, embed(test_x), test_y)
+        if moe_layers(backbone):
+            from ssroute.eval.evaluation import held_out_images
+
+            images, _ = held_out_images(module.data, self.sizes[2])
+            with evaluating(backbone, seed=trainer.global_step):
+                stats = measure_agreement(backbone, module.augment, images.to(module.device), pairs=1, batch_size=self.batch_size).compute()
+            metrics.update({k: stats[k] for k in ("routing_agreement", "routing_agreement_chance")})
+        for key, value in metrics.items():
+            module.log(f"monitor/{key}", value, prog_bar=True, rank_zero_only=True)
 
 
-def fluctuation_metrics_of(trainer: pl.Trainer) -> dict[str, float]:
-    """The routing-fluctuation metrics of ``trainer``'s :class:`RoutingFluctuation` callback ({} without one)."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, RoutingFluctuation):
-            return callback.metrics()
-    return {}
-
-
-__all__ = ["RoutingFluctuation", "fluctuation_metrics_of", "save_atomic"]
+__all__ = ["OnlineMonitor", "RoutingFluctuation"]

@@ -13,49 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ssroute.checkpoint import check_data_fits, load_pretrained, resolve_checkpoint
 from ssroute.config import resolve_data_defaults, validate_finetune
 from ssroute.data import build_data, label_subset
 from ssroute.errors import ConfigError
-from ssroute.models import extra_metrics
 from ssroute.train.finetune_module import FinetuneModule
-from ssroute.train.run import build_trainer, find_resume_dir, quiet_third_party_logs, resumed_config, save_config, write_json_atomic
+from ssroute.train.run import build_trainer, find_resume_dir, finish_run, quiet_third_party_logs, resumed_config, save_config
 
 log = logging.getLogger(__name__)
-
-
-PRETRAIN_RUNS = Path("runs/pretrain")
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A run folder, a .ckpt file or ``latest`` (newest finished pretraining run) -> the checkpoint file."""
-    if path == "latest":
-        finished = sorted(PRETRAIN_RUNS.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
-        if not finished:
-            raise ConfigError(f"checkpoint=latest found no finished pretraining run under {PRETRAIN_RUNS}; run python -m pretrain first or pass a run folder.")
-        path = str(finished[-1].parent)
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoints" / "last.ckpt"
-    if not p.is_file():
-        raise ConfigError(f"checkpoint={path} is neither a .ckpt file nor a run folder with checkpoints/last.ckpt; pass the folder that pretraining printed.")
-    return p
-
-
-def load_pretrained(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(pretraining config, backbone state dict) of a checkpoint, with clear errors for foreign files."""
-    file = resolve_checkpoint(path)
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ConfigError(f"checkpoint {file} cannot be read ({type(err).__name__}); it is corrupt or not a PyTorch checkpoint.") from None
-    config = checkpoint.get("hyper_parameters", {}).get("config") if isinstance(checkpoint, dict) else None
-    if not config or "model" not in config:
-        raise ConfigError(f"checkpoint {file} was not written by ssroute (no model config inside); pass a checkpoint from python -m pretrain.")
-    state = {k[len("backbone."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
-    return config, state
 
 
 ARCHITECTURE = ("model", "router", "experts", "patches")  # sections that must match the weights (patches: the same selection)
@@ -112,7 +79,7 @@ def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
         module = FinetuneModule(cfg, data, train_set, backbone_state)
     except RuntimeError as err:  # load_state_dict: missing / unexpected / mis-shaped weights
         raise ConfigError(f"the checkpoint's weights do not fit the model built from its config ({str(err).splitlines()[0]}); the checkpoint is from an incompatible version.") from None
-    trainer = build_trainer(cfg, run_dir, [], 1)
+    trainer = build_trainer(cfg, run_dir, [], monitor=False)
     if trainer.is_global_zero:
         save_config(cfg, run_dir)
         log.info("fine-tuning (%s) on %d labelled %s images; run folder %s", cfg.mode, len(train_set), data.name, run_dir)
@@ -129,23 +96,5 @@ def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
         "epochs": trainer.current_epoch,
         "train_time_s": round(module.train_time_s, 2),
     }
-    metrics.update(extra_metrics(module.backbone, training=False))  # backbone hook: depth/* of model=vit_depth over the final evaluation
-    if trainer.is_global_zero:
-        write_json_atomic(run_dir / "metrics.json", metrics)
-        log.info("metrics: %s", metrics)
-        if cfg.get("evaluate", True):  # configs saved before the flag existed evaluate too
-            from ssroute.evaluate import evaluate_run
-
-            evaluate_run(run_dir)
+    finish_run(cfg, run_dir, module, trainer, metrics, run_protocols=("depth",))
     return run_dir
-
-
-def check_data_fits(data_name: str, data, backbone_state: dict[str, torch.Tensor], patch_size: int) -> None:
-    """Channels and image size of ``data`` against the checkpoint's weights and patch size (fine-tuning and evaluation)."""
-    weight = backbone_state.get("patch_embed.proj.weight")
-    if weight is not None and weight.shape[1] != data.channels:
-        raise ConfigError(
-            f"the checkpoint expects {weight.shape[1]}-channel images but data={data_name} has {data.channels}; use data like the pretraining data."
-        )
-    if data.image_size % patch_size:
-        raise ConfigError(f"data={data_name} images ({data.image_size}px) are not divisible by the checkpoint's patch size {patch_size}.")

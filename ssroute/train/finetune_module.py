@@ -8,8 +8,6 @@ the labelled training images, fixed by seed.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -20,12 +18,11 @@ from ssroute.data.loader import ResumableLoader
 from ssroute.data.views import ViewAugment
 from ssroute.errors import ConfigError
 from ssroute.eval.features import eval_loader, gather_unique
-from ssroute.models import build_backbone, extra_metrics
-from ssroute.routing.superclass import class_superclasses, cluster_permutation
-from ssroute.train.base import ResumableModule
+from ssroute.models import build_backbone
+from ssroute.train.base import NonFiniteLossError, ResumableModule
 from ssroute.train.optim import build_optimizer
-from ssroute.train.pretrain_module import NonFiniteLossError
-from ssroute.train.superclass import check_superclass, log_superclass, pooled_features, superclass_targets
+from ssroute.train.pretrain_module import mean_over_views
+from ssroute.train.superclass_targets import SuperclassTargets, pooled_features
 
 
 class FinetuneModule(ResumableModule):
@@ -47,15 +44,14 @@ class FinetuneModule(ResumableModule):
             self.backbone.load_state_dict(backbone_state)
         # Standardising features before the linear layer (MAE's probe head, He et al. 2021) lets one
         # learning rate suit features of any scale.
-        self.moe_layers = self.find_moe_layers(self.backbone)
         self.head = nn.Sequential(nn.BatchNorm1d(self.backbone.dim, affine=False), nn.Linear(self.backbone.dim, data.num_classes))
         self.augment = ViewAugment(cfg.data.augment, data.channels, data.image_size, data.mean, data.std)
         self.frozen = cfg.mode == "linear"
         if self.frozen:
             self.backbone.requires_grad_(False)
         self.test_top1: float | None = None
-        self.superclass_layers = check_superclass(cfg, self.backbone) if cfg.get("superclass") and cfg.superclass.weight > 0 else {}
-        if self.superclass_layers:
+        self.superclass = None
+        if SuperclassTargets.check(cfg, self.backbone):
             if self.frozen:
                 raise ConfigError(
                     "superclass.weight > 0 trains the image routers, which mode=linear freezes; use mode=full or superclass.weight=0."
@@ -65,7 +61,8 @@ class FinetuneModule(ResumableModule):
                     "superclass.weight > 0 clusters class-mean features of a trained model; pass checkpoint=RUN or superclass.checkpoint=RUN."
                 )
             # super-class of each class; computed when fitting starts, then kept in checkpoints so a resume reuses it
-            self.register_buffer("superclass_of", torch.full((data.num_classes,), -1, dtype=torch.long))
+            self.superclass = SuperclassTargets(cfg.superclass.weight, cfg.model.num_experts, data.num_classes, by_class=True,
+                                                niter=cfg.superclass.niter, seed=cfg.seed)  # fmt: skip
         self._outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def train_dataloader(self) -> ResumableLoader:
@@ -77,7 +74,8 @@ class FinetuneModule(ResumableModule):
     def val_dataloader(self):
         return eval_loader(self.data.test, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor):
+        """``(features [batch, dim], ForwardAux)``; a frozen backbone (``mode=linear``) runs in eval mode without autograd."""
         if self.frozen:
             self.backbone.eval()
             with torch.no_grad():
@@ -85,11 +83,11 @@ class FinetuneModule(ResumableModule):
         return self.backbone(images)
 
     def on_fit_start(self) -> None:
-        if self.superclass_layers and bool((self.superclass_of < 0).any()):
-            self.superclass_of.copy_(self.find_superclasses())
+        if self.superclass is not None and not self.superclass.ready:
+            self.find_superclasses()
 
-    def find_superclasses(self) -> torch.Tensor:
-        """``[classes]`` super-class ids: k-means of class-mean features of the model before fine-tuning (or of
+    def find_superclasses(self) -> None:
+        """Super-class ids of the classes: k-means of class-mean features of the model before fine-tuning (or of
         ``superclass.checkpoint``), numbered to agree most with the image routers' current choices."""
         loader = eval_loader(self.train_set, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers)
         found = pooled_features(self.backbone, loader, self.augment.normalize, self.device)
@@ -104,37 +102,32 @@ class FinetuneModule(ResumableModule):
             index=found["index"],
             world_size=self.trainer.world_size,
         )
-        experts = self.cfg.model.num_experts
-        groups = class_superclasses(features, labels, self.data.num_classes, experts, self.cfg.superclass.niter, self.cfg.seed)
-        return cluster_permutation(groups[labels], top1, experts)[groups].to(self.device)
+        self.superclass.fit_classes(features, labels, top1, self.data.num_classes)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images, labels, _ = batch
-        view, _ = self.augment.view(images)
-        targets = nullcontext()
-        if self.superclass_layers:
-            targets = superclass_targets(self.superclass_layers, self.superclass_of[labels], self.cfg.superclass.weight)
-        with targets:
-            logits = self.head(self.features(view))
-        log_superclass(self, self.superclass_layers)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
-        aux = None if self.frozen else self.moe_aux_loss()
-        total = loss if aux is None else loss + aux
+        view = self.augment.view(images)[0]
+        features, aux = self.features(view)
+        logits = self.head(features)
+        losses = {"classification": F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)}
+        if not self.frozen:
+            losses.update(mean_over_views([aux.losses]))  # router balance, ponder costs
+        if self.superclass is not None:
+            losses.update(self.superclass.losses(self, [aux], labels))
+        total = torch.stack(list(losses.values())).sum()
         if not torch.isfinite(total):
             raise NonFiniteLossError(
                 f"the loss became {total.item()} at step {self.global_step}; lower optim.lr. The last good checkpoint is kept."
             )
-        self.log("loss", loss, prog_bar=True)
-        if aux is not None:
-            self.log("aux_loss", aux)
-            self.log_routing(self.backbone)
+        self.log("loss", total, prog_bar=True)
+        self.log_dict({f"loss/{name}": value for name, value in losses.items()})
         self.log("train_top1", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
-        self.log_dict(extra_metrics(self.backbone, training=True))  # backbone hook: depth/* of model=vit_depth ({} otherwise)
+        self.log_routing(aux)
         return total
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         images, labels, index = batch
-        logits = self.head(self.backbone(self.augment.normalize(images)))
+        logits = self.head(self.backbone(self.augment.normalize(images))[0])
         self._outputs.append((logits.argmax(1), labels, index))
 
     def on_validation_epoch_end(self) -> None:
@@ -156,9 +149,7 @@ class FinetuneModule(ResumableModule):
 
 def feature_backbone(checkpoint: str, data: DataBundle) -> nn.Module:
     """The backbone of another run (``superclass.checkpoint``), built from its own config, in eval mode."""
-    from ssroute.train.finetune import load_pretrained
+    from ssroute.checkpoint import load_backbone
 
-    config, state = load_pretrained(checkpoint)
-    backbone = build_backbone(OmegaConf.create(config), data.image_size, data.channels)
-    backbone.load_state_dict(state)
-    return backbone.eval().requires_grad_(False)
+    backbone, _, _ = load_backbone(checkpoint, data)
+    return backbone.requires_grad_(False)

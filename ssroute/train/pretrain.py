@@ -1,4 +1,4 @@
-"""``run_pretrain(cfg)``: data -> checks -> Lightning fit -> final evaluation -> metrics.json -> eval/ (``evaluate=true``)."""
+"""``run_pretrain(cfg)``: data -> checks -> Lightning fit -> evaluation of the trained backbone -> metrics.json (and eval/)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from omegaconf import DictConfig
 
 from ssroute.config import resolve_data_defaults, validate_pretrain
 from ssroute.data import build_data
-from ssroute.models import extra_metrics
+from ssroute.eval.evaluation import RUN_PROTOCOLS
+from ssroute.train.callbacks import RoutingFluctuation
 from ssroute.train.pretrain_module import PretrainModule, check_pretrain_config, throughput
-from ssroute.train.run import build_trainer, find_resume_dir, quiet_third_party_logs, resumed_config, save_config, write_json_atomic
+from ssroute.train.run import build_trainer, find_resume_dir, finish_run, quiet_third_party_logs, resumed_config, save_config
 from ssroute.train.schedule import resolve_stack
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
     check_pretrain_config(cfg, data)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PretrainModule(cfg, data)
-    trainer = build_trainer(cfg, run_dir, [], cfg.trainer.knn_every_n_epochs or None)
+    trainer = build_trainer(cfg, run_dir, [])
     if trainer.is_global_zero:
         save_config(cfg, run_dir)
         log.info("pretraining %s on %s (%d images, %dx%d, %d channel(s)) with patch size %d for %d epochs; run folder %s",
@@ -41,29 +42,12 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     trainer.fit(module, ckpt_path=str(ckpt) if resume_dir is not None else None)
     trainer.save_checkpoint(str(ckpt))
-    metrics: dict[str, float] = {"epochs": trainer.current_epoch, "steps": trainer.global_step}
-    metrics.update(throughput(module))
-    metrics.update(accounting(module))
-    if data.labeled:
-        module.final_eval = True
-        trainer.validate(module, verbose=False)
-        metrics.update(module.final_metrics)
-        metrics.update(extra_metrics(module.backbone, training=False))  # backbone hook: depth/* of model=vit_depth over the final evaluation
-    if trainer.is_global_zero:
-        write_json_atomic(run_dir / "metrics.json", metrics)
-        log.info("metrics: %s", metrics)
-        if cfg.get("evaluate", True):  # configs saved before the flag existed evaluate too
-            from ssroute.evaluate import evaluate_run
-
-            evaluate_run(run_dir)
+    metrics: dict[str, float] = {"epochs": trainer.current_epoch, "steps": trainer.global_step, **throughput(module)}
+    for callback in trainer.callbacks:
+        if isinstance(callback, RoutingFluctuation):
+            metrics.update(callback.metrics())
+    finish_run(cfg, run_dir, module, trainer, metrics, run_protocols=RUN_PROTOCOLS)
     return run_dir
-
-
-def accounting(module: PretrainModule) -> dict[str, float]:
-    """Parameters and FLOPs of the backbone, total and active per token, and the experts' shares."""
-    from ssroute.layers.accounting import model_accounting
-
-    return model_accounting(module.backbone, tokens_per_image=module.backbone.patch_embed.num_tokens)
 
 
 __all__ = ["run_pretrain"]

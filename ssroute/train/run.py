@@ -10,10 +10,7 @@ resumed.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from ssroute.errors import ConfigError
+from ssroute.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +31,6 @@ class _DropAdverts(logging.Filter):
 def quiet_third_party_logs() -> None:
     """Hide Lightning's product tip; keep everything else."""
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 def find_resume_dir(resume: Any, runs_root: Path) -> Path | None:
@@ -72,16 +60,18 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], check_val_every_n_epoch: int | None) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], monitor: bool = True) -> pl.Trainer:
     """A Lightning Trainer for ``cfg.trainer`` writing into ``run_dir``.
 
-    MoE models also get :class:`~ssroute.train.callbacks.RoutingFluctuation`
-    (every ``trainer.fluctuation_every_n_steps`` steps; 0 = off).
+    MoE models get :class:`~ssroute.train.callbacks.RoutingFluctuation` (every
+    ``trainer.fluctuation_every_n_steps`` steps; 0 = off); with ``monitor`` every
+    model gets :class:`~ssroute.train.callbacks.OnlineMonitor` (every
+    ``trainer.knn_every_n_epochs`` epochs; 0 = off).
     """
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    from ssroute.train.callbacks import RoutingFluctuation
+    from ssroute.train.callbacks import OnlineMonitor, RoutingFluctuation
 
     loggers: list = [CSVLogger(str(run_dir), name="logs", version="")]
     try:
@@ -104,6 +94,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], 
     every = t.get("fluctuation_every_n_steps", 0)  # configs saved before the key existed have none
     if every and cfg.model.moe_layers:
         callbacks = [*callbacks, RoutingFluctuation(every, batch_size=cfg.eval_batch_size, run_dir=run_dir)]
+    if monitor and t.knn_every_n_epochs:
+        callbacks = [*callbacks, OnlineMonitor(t.knn_every_n_epochs, batch_size=cfg.eval_batch_size)]
     return pl.Trainer(
         default_root_dir=str(run_dir),
         max_epochs=t.max_epochs,
@@ -117,11 +109,57 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], 
         enable_progress_bar=t.progress_bar,
         log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches,
-        # None = no validation inside fit; the final trainer.validate() must still see every batch,
-        # which limit_val_batches=0 would silently skip
-        check_val_every_n_epoch=check_val_every_n_epoch or t.max_epochs + 1,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # our samplers shard by rank themselves
         deterministic=False,
         enable_model_summary=False,
     )
+
+
+def finish_run(
+    cfg: DictConfig, run_dir: Path, module: pl.LightningModule, trainer: pl.Trainer, metrics: dict[str, Any], run_protocols: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The end of a pretraining or fine-tuning run, on rank 0: evaluate the trained backbone, write ``metrics.json``.
+
+    The evaluation is ``ssroute.eval.evaluation.evaluate_backbone``, the code of
+    ``python -m ssroute.evaluate``: with ``evaluate=true`` every protocol, into
+    ``<run>/eval/`` (metrics, plots, report); with ``evaluate=false`` only
+    ``run_protocols`` (pretraining: :data:`~ssroute.eval.evaluation.RUN_PROTOCOLS`). Its metrics,
+    with ``metrics`` (what the run itself measured: time, throughput, accounting,
+    fluctuation), form the run's ``metrics.json``.
+    """
+    import torch
+    from pytorch_lightning.accelerators import CUDAAccelerator
+
+    from ssroute.config import EvaluateConfig
+    from ssroute.eval.evaluation import evaluate_backbone, held_out_images
+    from ssroute.moe import model_accounting
+
+    if not trainer.is_global_zero:
+        return metrics
+    full = bool(cfg.get("evaluate", True))  # configs saved before the flag existed evaluate too
+    data, backbone = module.data, module.backbone
+    backbone.to("cuda" if isinstance(trainer.accelerator, CUDAAccelerator) else "cpu")
+    result = evaluate_backbone(
+        backbone, data, cfg.data.augment, OmegaConf.structured(EvaluateConfig),
+        protocols=None if full else supported(run_protocols, data, backbone),
+        out_dir=run_dir / "eval" if full else None, run_config=OmegaConf.to_container(cfg, resolve=True), run=str(run_dir), data_name=cfg.data.name,
+    )  # fmt: skip
+    images, _ = held_out_images(data, 256)  # one forward tells the measured k of data-dependent routers
+    with torch.no_grad():
+        _, aux = backbone.eval()(module.augment.normalize(images.to(next(backbone.parameters()).device)))
+    merged = {**metrics, **model_accounting(backbone, backbone.patch_embed.num_tokens, aux.rows_per_token()), **result.metrics}
+    write_json_atomic(run_dir / "metrics.json", merged)
+    log.info("metrics: %s", {k: v for k, v in merged.items() if "/" not in k})
+    if full:
+        log.info("evaluation written to %s", result.out_dir)
+    return merged
+
+
+def supported(protocols, data, backbone) -> list[str]:
+    """Of ``protocols``, those the data (labels) and the model (routing, routing over depth) support."""
+    from ssroute.eval.evaluation import LABELLED, ROUTING
+    from ssroute.moe import moe_layers
+
+    labelled, routed, depth = data.labeled and data.test is not None, bool(moe_layers(backbone)), hasattr(backbone, "stack")
+    return [p for p in protocols if (p not in LABELLED or labelled) and (p not in ROUTING or routed) and (p != "depth" or depth)]

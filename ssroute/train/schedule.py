@@ -64,34 +64,27 @@ class SchedulePlan:
         return phase * self.epochs_per_block, self.epochs_per_block
 
 
-class StageEncoder(nn.Module):
-    """Images -> pooled features through stages ``0..last``; stages before ``first`` are frozen.
+class StageEncoder:
+    """Images -> ``(features, aux)`` through the blocks ``[0, end)``, the blocks below ``start`` frozen: a view of the backbone.
+
+    Not a module: it owns no parameters (the backbone does), so it never
+    duplicates weights in a checkpoint. :meth:`segment` names the modules that
+    train, which a momentum teacher copies (``ssroute.objectives.base``).
 
     Args:
         backbone: the ViT whose blocks form the stages.
-        stages: ``(start, end)`` block ranges, one per stage.
-        last: the stage whose output is pooled.
+        start: the first block that trains.
+        end: one past the last block that runs (the stage's end).
     """
 
-    def __init__(self, backbone: nn.Module, stages: list[tuple[int, int]], last: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.stages = stages
-        self.last = last
-        self.first = 0  # first trainable stage; set by the schedule
+    def __init__(self, backbone: nn.Module, start: int, end: int) -> None:
+        self.backbone, self.start, self.end = backbone, start, end
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        split = self.stages[self.first][0]  # index of the first block that trains
-        if split > 0:
-            with torch.no_grad():  # frozen prefix: no graph, no activations kept for backward
-                x, _ = self.backbone.patch_embed(images)
-                for block in self.backbone.blocks[:split]:
-                    x = block(x)
-        else:
-            x, _ = self.backbone.patch_embed(images)
-        for block in self.backbone.blocks[split : self.stages[self.last][1]]:
-            x = block(x)
-        return self.backbone.pool(x)
+    def __call__(self, images: torch.Tensor, segment: nn.Module | None = None):
+        return self.backbone(images, end=self.end, frozen_below=self.start, segment=segment)
+
+    def segment(self) -> nn.Module:
+        return self.backbone.segment(self.start, self.end)
 
 
 def stage_ranges(model) -> list[tuple[int, int]]:
@@ -126,12 +119,18 @@ def resolve_stack(cfg) -> None:
     cfg.trainer.max_epochs = plan.total_epochs
 
 
-def freeze_stages(backbone: nn.Module, stages: list[tuple[int, int]], first_trainable: int) -> None:
-    """Stages before ``first_trainable`` (and the patch embedding with them) stop learning and run in eval mode."""
+def freeze_stages(backbone: nn.Module, stages: list[tuple[int, int]], first_trainable: int, last_trainable: int | None = None) -> None:
+    """Stages before ``first_trainable`` (and the patch embedding with them) stop learning and run in eval mode.
+
+    The final LayerNorm belongs to the last stage: it learns only while that stage trains (earlier
+    stages pool through a norm without parameters, ``ssroute.models.vit``).
+    """
     frozen_blocks = stages[first_trainable][0]
+    last = len(stages) - 1 if last_trainable is None else last_trainable
     backbone.patch_embed.requires_grad_(first_trainable == 0)
     backbone.patch_embed.train(first_trainable == 0)
     for index, block in enumerate(backbone.blocks):
         trainable = index >= frozen_blocks
         block.requires_grad_(trainable)
         block.train(trainable)
+    backbone.norm.requires_grad_(last == len(stages) - 1)

@@ -124,7 +124,7 @@ def test_kornia_matrices_say_where_pixels_went(cfg):
     augment = ViewAugment(cfg, channels=1, image_size=28, mean=(0.0,), std=(1.0,))
     images = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
     images[:, :, 9:12, 15:18] = 255  # a bright 3x3 blob centred at (x=16, y=10)
-    view, matrix = augment.view(images)
+    view, matrix, _ = augment.view(images)
     expected = map_points(torch.tensor([[[16.0, 10.0]]]).expand(64, 1, 2), matrix)[:, 0]
     weights = view[:, 0].clamp_min(0)
     ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")

@@ -5,7 +5,8 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from ssroute.data.views import ViewAugment
-from ssroute.eval.analytics import analyse_routings, co_selection, routing_analytics, usage_entropy
+from ssroute.eval.agreement import load_entropy as usage_entropy
+from ssroute.eval.analytics import analyse_routings, co_selection, routing_analytics
 from ssroute.eval.stability import IDENTITY
 from ssroute.models import build_backbone
 from ssroute.routing.base import sparse_routing
@@ -24,7 +25,7 @@ def test_known_class_expert_assignment_gives_the_known_matrix():
     # four images of four tokens; classes 0, 1, 0, 2 (class 3 has no image)
     experts = [0, 0, 0, 1] + [1, 1, 1, 1] + [0, 0, 2, 2] + [2, 2, 2, 2]
     labels = torch.tensor([0, 1, 0, 2])
-    result = analyse_routings({"blocks.1.ffn": top1_routing(experts, 4)}, images=4, labels=labels, num_classes=4)
+    result = analyse_routings({1: top1_routing(experts, 4)}, images=4, labels=labels, num_classes=4)
     expected = torch.tensor([[5 / 8, 1 / 8, 2 / 8], [0, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.float64)
     assert torch.allclose(result.blocks["block1"].class_expert, expected)
     m = result.metrics
@@ -35,9 +36,9 @@ def test_known_class_expert_assignment_gives_the_known_matrix():
 
 def test_unlabelled_images_are_ignored_and_no_labels_skip_the_class_matrix():
     routing = top1_routing([0, 1, 2, 2], tokens_per_image=2)
-    result = analyse_routings({"blocks.0.ffn": routing}, images=2, labels=torch.tensor([1, -1]), num_classes=2)
+    result = analyse_routings({0: routing}, images=2, labels=torch.tensor([1, -1]), num_classes=2)
     assert result.blocks["block0"].class_expert.tolist() == [[0, 0, 0], [0.5, 0.5, 0]]
-    bare = analyse_routings({"blocks.0.ffn": routing}, images=2)
+    bare = analyse_routings({0: routing}, images=2)
     assert bare.blocks["block0"].class_expert is None and "block0/class_expert_nmi" not in bare.metrics
 
 
@@ -45,13 +46,13 @@ def test_load_dropped_and_dead_experts_of_a_hand_made_routing():
     # 4 experts, 6 tokens; token 5 is dropped, expert 3 never used
     probs = torch.full((6, 4), 0.25)
     routing = sparse_routing(probs, torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 0, 0, 1, 2]), torch.ones(5), tokens_per_group=6)
-    m = analyse_routings({"blocks.2.ffn": routing}, images=1).metrics
+    m = analyse_routings({2: routing}, images=1).metrics
     assert m["block2/load_max_share"] == pytest.approx(3 / 5)
     assert m["block2/dropped_share"] == pytest.approx(1 / 6)
-    assert m["block2/dead_experts"] == 1.0
+    assert m["block2/unaugmented_dead_experts"] == 1.0
     assert m["block2/experts_per_token"] == pytest.approx(5 / 6)
     shares = torch.tensor([0.6, 0.2, 0.2])
-    assert m["block2/expert_usage_entropy"] == pytest.approx(float(-(shares * shares.log()).sum() / math.log(4)))
+    assert m["block2/unaugmented_usage_entropy"] == pytest.approx(float(-(shares * shares.log()).sum() / math.log(4)))
     assert usage_entropy(torch.tensor([5, 5, 5, 5])) == pytest.approx(1.0)
 
 
@@ -71,12 +72,12 @@ def test_co_selection_of_hand_made_k2_routings():
 def test_block_vs_block_matrix_of_a_hand_made_pair():
     first = top1_routing([0, 0, 1, 1, 2, 2], tokens_per_image=3)
     second = top1_routing([1, 1, 0, 0, 0, 0], tokens_per_image=3, num_experts=2)
-    result = analyse_routings({"blocks.3.ffn": second, "blocks.1.ffn": first}, images=2)
+    result = analyse_routings({3: second, 1: first}, images=2)
     joint = result.cross_block[("block1", "block3")]
     assert torch.allclose(joint, torch.tensor([[0, 2], [2, 0], [2, 0]], dtype=torch.float64) / 6)
     expected = normalized_mutual_info_score([0, 0, 1, 1, 2, 2], [1, 1, 0, 0, 0, 0])
     assert result.metrics["block1/block3/expert_nmi"] == pytest.approx(expected)
-    same = analyse_routings({"blocks.1.ffn": first, "blocks.2.ffn": first}, images=2)
+    same = analyse_routings({1: first, 2: first}, images=2)
     assert same.metrics["block1/block2/expert_nmi"] == pytest.approx(1.0)
 
 

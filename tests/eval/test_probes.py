@@ -16,8 +16,8 @@ def test_stacked_features_are_the_backbone_features_then_each_normalised_block()
     stacked = stacked_features(vit, images)
     assert stacked.shape == (5, 4, 16)
     with torch.no_grad():
-        torch.testing.assert_close(stacked[:, 0], vit(images))
-        for i, out in enumerate(vit.block_outputs(images)):
+        torch.testing.assert_close(stacked[:, 0], vit(images)[0])
+        for i, out in enumerate(vit(images, keep_blocks=True)[1].block_tokens):
             torch.testing.assert_close(stacked[:, 1 + i], F.layer_norm(out, (16,)).mean(dim=1))
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ssroute.errors import ConfigError
 from ssroute.experts import ExpertContext, build_experts
-from ssroute.layers.moe import build_moe
+from ssroute.moe import build_moe
 
 
 def _reference(bank, x, sizes, image):

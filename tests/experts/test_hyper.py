@@ -7,7 +7,7 @@ import torch
 
 from ssroute.errors import ConfigError
 from ssroute.experts import build_experts
-from ssroute.layers.moe import build_moe
+from ssroute.moe import build_moe
 
 
 @pytest.mark.parametrize("rank", [None, 4])
@@ -50,8 +50,8 @@ def test_an_interpolated_expert_runs_in_the_layer() -> None:
     swapped = bank.embeddings.detach().clone()
     swapped[3] = new
     with bank.use_embeddings(swapped):
-        out = moe(x)
-    on_expert3 = (moe.last_routing.expert == 3).nonzero().squeeze(1)  # hash routing: token i -> pair i
+        out, routing = moe.forward_with_routing(x)
+    on_expert3 = (routing.expert == 3).nonzero().squeeze(1)  # hash routing: token i -> pair i
     rest = torch.ones(16, dtype=torch.bool)
     rest[on_expert3] = False
     flat, flat_base = out.view(16, 8), base.view(16, 8)

@@ -9,6 +9,7 @@ import torch
 from ssroute.errors import ConfigError
 from ssroute.models import build_backbone
 from ssroute.models.depth_router import DepthRoutedStack, act_step
+from ssroute.models.depth_stats import DepthStats
 from ssroute.train.finetune import run_finetune
 from ssroute.train.pretrain import run_pretrain
 
@@ -19,21 +20,30 @@ def make_stack(**options) -> DepthRoutedStack:
     return DepthRoutedStack(**{**defaults, **options})
 
 
+def summary(stack: DepthRoutedStack, *traces, order: bool = False) -> dict[str, float]:
+    """The ``depth/*`` statistics of some forwards' traces (what training logs and the evaluation reports)."""
+    stats = DepthStats(stack.max_steps, stack.num_choices, stack.num_blocks)
+    for trace in traces:
+        stats.add(trace.picks, trace.halted_at, trace.ponder)
+    return stats.summary(stack.names, order=order)
+
+
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("stop_on_identity", [False, True])
 def test_forced_identity_returns_the_input_exactly(training, stop_on_identity):
     stack = make_stack(stop_on_identity=stop_on_identity).train(training)
     x = torch.randn(5, 7, 16, requires_grad=True)
     choices = torch.tensor([2, 3, 2]).expand(5, 3)  # identities only (P = 2)
-    assert torch.equal(stack(x, choices=choices), x)
-    assert stack.extra_metrics(training)["depth/blocks_per_image"] == 0.0
+    out, trace = stack(x, choices=choices)
+    assert torch.equal(out, x)
+    assert summary(stack, trace)["depth/blocks_per_image"] == 0.0
 
 
 def test_forced_block_output_is_exactly_the_block_and_the_router_still_learns():
     stack = make_stack(max_steps=1).train()
     x = torch.randn(4, 6, 16)
-    out = stack(x, choices=torch.ones(4, 1, dtype=torch.long))
-    assert torch.equal(out, stack.blocks[1](x))  # the straight-through gate adds exactly zero
+    out, _ = stack(x, choices=torch.ones(4, 1, dtype=torch.long))
+    assert torch.equal(out, stack.blocks[1](x)[0])  # the straight-through gate adds exactly zero
     out.square().sum().backward()
     assert stack.router.weight.grad.abs().sum() > 0 and stack.step_bias.grad[0, 1] != 0
 
@@ -57,17 +67,17 @@ def test_halting_stops_at_the_configured_threshold(epsilon, steps, remainder):
     torch.nn.init.zeros_(stack.halt_head.weight)
     torch.nn.init.constant_(stack.halt_head.bias, math.log(0.3 / 0.7))
     x = torch.randn(3, 5, 16)
-    out = stack(x, choices=torch.zeros(3, 6, dtype=torch.long))  # block 0 at every step
+    out, trace = stack(x, choices=torch.zeros(3, 6, dtype=torch.long))  # block 0 at every step
     states, expected = x, torch.zeros_like(x)
     for s in range(steps):
-        states = stack.blocks[0](states)
+        states = stack.blocks[0](states)[0]
         expected = expected + (0.3 if s < steps - 1 else remainder) * states
     assert torch.allclose(out, expected, atol=1e-5)
-    stats = stack.extra_metrics(training=True)
+    stats = summary(stack, trace)
     assert stats["depth/steps_per_image"] == steps and stats["depth/blocks_per_image"] == steps
     assert stats["depth/ponder_cost"] == pytest.approx(steps + remainder, abs=1e-5)
     # ponder cost n + R reaches the halting unit through R = 1 - (n - 1) h: d/d bias = -(n - 1) h (1 - h) / max_steps
-    (out * 0).sum().backward()
+    (trace.ponder_loss + (out * 0).sum()).backward()
     assert stack.halt_head.bias.grad.item() == pytest.approx(-(steps - 1) * 0.21 / 6, rel=1e-4)
 
 
@@ -78,16 +88,16 @@ def test_halted_images_stop_being_computed():
     sizes = []
     stack.blocks[0].register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
     x = torch.randn(3, 5, 16)
-    out = stack(x, choices=torch.zeros(3, 4, dtype=torch.long))
+    out, trace = stack(x, choices=torch.zeros(3, 4, dtype=torch.long))
     assert sizes == [3, 2, 2, 1]
     weights = [[0.3, 0.3, 0.4], [1.0], [0.3, 0.3, 0.3, 0.1]]
     for i, w in enumerate(weights):
         state, expected = x[i : i + 1], 0
         for a in w:
-            state = stack.blocks[0](state)
+            state = stack.blocks[0](state)[0]
             expected = expected + a * state
         assert torch.allclose(out[i : i + 1], expected, atol=1e-5)
-    assert stack.extra_metrics(training=False)["depth/steps_per_image"] == pytest.approx(8 / 3)
+    assert summary(stack, trace)["depth/steps_per_image"] == pytest.approx(8 / 3)
 
 
 @pytest.mark.parametrize("halting", [False, True])
@@ -101,7 +111,7 @@ def test_grouped_execution_matches_a_per_image_loop(halting):
         block.register_forward_hook(lambda module, args, out, j=j: calls.append(j))
     x = torch.randn(12, 5, 16)
     with torch.no_grad():
-        out = stack(x)
+        out, trace = stack(x)
         grouped_calls = list(calls)
         reference = []
         for i in range(x.shape[0]):
@@ -109,7 +119,7 @@ def test_grouped_execution_matches_a_per_image_loop(halting):
             for s in range(4):
                 choice = int(stack.route(stack.state(state), s).argmax())
                 if choice < 3:
-                    state = stack.blocks[choice](state)
+                    state = stack.blocks[choice](state)[0]
                 if not halting:
                     continue
                 h = float(stack.halt_prob(stack.state(state)))
@@ -119,31 +129,37 @@ def test_grouped_execution_matches_a_per_image_loop(halting):
                 result, total = result + h * state, total + h
             reference.append(result if halting else state)
     assert torch.allclose(out, torch.cat(reference), atol=1e-5)
-    assert (stack.eval_stats.order[0] > 0).sum() >= 2  # the images really took different blocks
+    assert torch.unique(trace.picks[:, 0]).numel() >= 2  # the images really took different blocks
     assert all(grouped_calls.count(j) <= 4 for j in range(3))  # each block at most once per step
 
 
 def test_layer_order_matrix_counts_a_hand_made_choice_sequence():
     choices = torch.tensor([[0, 2, 1], [2, 2, 2], [1, 0, 3]])  # P = 2: choices 2 and 3 are identities
     stack = make_stack().eval()
-    stack(torch.randn(3, 4, 16), choices=choices)
-    assert stack.eval_stats.order.tolist() == [[1, 1, 1, 0], [1, 0, 2, 0], [0, 1, 1, 1]]
-    metrics = stack.extra_metrics(training=False)
+    _, trace = stack(torch.randn(3, 4, 16), choices=choices)
+    stats = DepthStats(stack.max_steps, stack.num_choices, stack.num_blocks)
+    stats.add(trace.picks, trace.halted_at)
+    assert stats.order.tolist() == [[1, 1, 1, 0], [1, 0, 2, 0], [0, 1, 1, 1]]
+    metrics = summary(stack, trace, order=True)
     assert metrics["depth/identity_share"] == pytest.approx(5 / 9)
     assert metrics["depth/blocks_per_image"] == pytest.approx(4 / 3) and metrics["depth/compute_saved"] == pytest.approx(1 - 4 / 9)
     assert metrics["depth/order/s1/id0"] == pytest.approx(2 / 3) and metrics["depth/order/s2/id1"] == pytest.approx(1 / 3)
     stopping = make_stack(stop_on_identity=True).eval()
-    stopping(torch.randn(3, 4, 16), choices=choices)
-    assert stopping.eval_stats.order.tolist() == [[1, 1, 1, 0], [1, 0, 1, 0], [0, 0, 0, 1]]
-    assert stopping.extra_metrics(training=False)["depth/steps_per_image"] == pytest.approx(2.0)
+    _, trace = stopping(torch.randn(3, 4, 16), choices=choices)
+    stats = DepthStats(stopping.max_steps, stopping.num_choices, stopping.num_blocks)
+    stats.add(trace.picks, trace.halted_at)
+    assert stats.order.tolist() == [[1, 1, 1, 0], [1, 0, 1, 0], [0, 0, 0, 1]]
+    assert summary(stopping, trace)["depth/steps_per_image"] == pytest.approx(2.0)
 
 
-def test_a_training_forward_resets_the_evaluation_statistics():
+def test_each_forward_returns_its_own_trace_and_leaves_no_statistics_behind():
     stack = make_stack()
-    stack.eval()(torch.randn(2, 4, 16))
-    stack.train()(torch.randn(2, 4, 16))
-    assert stack.extra_metrics(training=False) == {} and stack.extra_metrics(training=True)["depth/steps_per_image"] == 3
-    assert stack.extra_metrics(training=True) == {}  # read and reset
+    state = {k: v.clone() for k, v in stack.state_dict().items()}
+    attributes = set(vars(stack))
+    _, first = stack.eval()(torch.randn(2, 4, 16))
+    _, second = stack.train()(torch.randn(5, 4, 16))
+    assert first.picks.shape == (2, 3) and second.picks.shape == (5, 3)
+    assert set(vars(stack)) == attributes and all(torch.equal(v, state[k]) for k, v in stack.state_dict().items())
 
 
 @pytest.mark.parametrize(
@@ -172,7 +188,8 @@ def test_depth_routed_vit_pretrains_and_finetunes_on_digits(tmp_path, pretrain_c
     ]
     run = run_pretrain(pretrain_cfg([*small, "trainer.knn_every_n_epochs=0"]), tmp_path / "pre")
     metrics = json.loads((run / "metrics.json").read_text())
-    assert 0.0 <= metrics["depth/identity_share"] <= 1.0 and 0.0 <= metrics["depth/blocks_per_image"] <= 2.0
+    # every step picks a block or an identity: blocks per image = (1 - identity share) x steps (2, no halting)
+    assert metrics["depth/blocks_per_image"] == pytest.approx((1 - metrics["depth/identity_share"]) * 2)
     assert metrics["depth/compute_saved"] == pytest.approx(1 - metrics["depth/blocks_per_image"] / 2)
     assert sum(v for k, v in metrics.items() if k.startswith("depth/order/s0/")) == pytest.approx(1.0)
     header = (run / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")

@@ -10,9 +10,9 @@ from ssroute.models.vit import ViT
 def test_vit_shapes_for_several_patch_sizes(image_size, patch_size):
     vit = ViT(image_size=image_size, channels=3, dim=32, depth=2, heads=4, patch_size=patch_size)
     images = torch.randn(2, 3, image_size, image_size)
-    tokens = vit.tokens(images)
-    assert tokens.shape == (2, (image_size // patch_size) ** 2, 32)
-    assert vit(images).shape == (2, 32)
+    features, aux = vit(images, keep_blocks=True)
+    assert aux.block_tokens[-1].shape == (2, (image_size // patch_size) ** 2, 32)
+    assert features.shape == (2, 32) and len(aux.block_tokens) == 2
 
 
 def test_patch_size_must_divide_image_size():
@@ -41,8 +41,8 @@ def test_backbone_from_config_puts_moe_layers_where_asked():
 
     from ssroute.config import PretrainConfig
     from ssroute.layers.mlp import FeedForward
-    from ssroute.layers.moe import MoELayer, collect_aux_loss
     from ssroute.models import build_backbone
+    from ssroute.moe import MoELayer
 
     cfg = OmegaConf.structured(PretrainConfig())
     cfg.model.patch_size, cfg.model.moe_layers, cfg.model.num_experts = 2, [1, 3], 4
@@ -51,9 +51,9 @@ def test_backbone_from_config_puts_moe_layers_where_asked():
     kinds = [type(block.ffn) for block in vit.blocks]
     assert kinds == [FeedForward, MoELayer, FeedForward, MoELayer]
     assert vit.blocks[1].ffn.router.num_experts == 4
-    out = vit(torch.randn(3, 1, 8, 8))
+    out, aux = vit(torch.randn(3, 1, 8, 8))
     out.sum().backward()
-    assert collect_aux_loss(vit).ndim == 0
+    assert sorted(aux.routings) == [1, 3] and aux.losses["router_aux"].ndim == 0
     cfg.model.moe_layers = [4]
     with pytest.raises(ConfigError, match=r"model.moe_layers=\[4\] names blocks outside 0..3"):
         build_backbone(cfg, image_size=8, channels=1)

@@ -22,7 +22,8 @@ def test_loss_decreases_on_a_fixed_batch(name):
     optimizer = torch.optim.Adam(params, lr=1e-3)
     losses = []
     for step in range(15):
-        loss = objective(encoder, views)
+        features = [encoder(v)[0] for v in views]
+        loss = objective(features, views, encoder)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

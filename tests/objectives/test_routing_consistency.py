@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ssroute.errors import ConfigError
-from ssroute.objectives.routing_consistency import routing_consistency_loss, sinkhorn_targets, usage_entropy
+from ssroute.objectives.routing_consistency import batch_usage_entropy, routing_consistency_loss, sinkhorn_targets
 
 B, N, E = 4, 16, 4
 
@@ -75,10 +75,10 @@ def test_gradients_flow_to_both_views_and_invalid_tokens_are_ignored():
 
 
 def test_usage_entropy_is_normalised():
-    assert float(usage_entropy(balanced_routing(1.0))) == pytest.approx(1.0)
+    assert float(batch_usage_entropy(balanced_routing(1.0))) == pytest.approx(1.0)
     one_hot = torch.zeros(B, N, E)
     one_hot[..., 2] = 1
-    assert float(usage_entropy(one_hot)) == pytest.approx(0.0, abs=1e-6)
+    assert float(batch_usage_entropy(one_hot)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_unknown_balance_is_a_clear_error():

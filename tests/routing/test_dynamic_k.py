@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssroute.errors import ConfigError
-from ssroute.layers.moe import build_moe
+from ssroute.moe import build_moe
 from ssroute.routing import build_k_schedule, build_router
 from ssroute.routing.ops import gate_logits
 
@@ -66,7 +66,7 @@ def test_schedule_drives_layer_k() -> None:
     schedule = build_k_schedule("linear", start=1, end=3, steps=2)
     for step, expected in [(0, 1), (1, 2), (2, 3)]:
         moe.set_k(schedule(step))
-        moe(torch.randn(2, 5, 8))
-        assert moe.last_routing.token.numel() == 10 * expected
+        _, routing = moe.forward_with_routing(torch.randn(2, 5, 8))
+        assert routing.token.numel() == 10 * expected
     with pytest.raises(ConfigError, match="no k"):
         build_moe(dim=8, hidden=16, num_experts=4, router="expert_choice").set_k(2)

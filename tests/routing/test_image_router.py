@@ -7,9 +7,8 @@ import torch
 
 from ssroute.errors import ConfigError
 from ssroute.experts import EXPERTS
-from ssroute.layers.accounting import model_accounting
 from ssroute.layers.mlp import FeedForward
-from ssroute.layers.moe import build_moe, dense_reference
+from ssroute.moe import build_moe, dense_reference, model_accounting
 from ssroute.routing import build_router
 from ssroute.routing.image import ImageRouter, ImageRouting
 
@@ -22,8 +21,7 @@ def test_every_token_of_an_image_goes_to_the_same_experts_and_matches_the_dense_
     # without noise: the choice is the top-k of the (clean) image distribution
     moe = build_moe(dim=DIM, hidden=24, num_experts=EXPERTS_, router="image", experts=experts, k=k, noise_std=0.0)
     x = torch.randn(IMAGES, TOKENS, DIM)
-    out = moe(x)
-    routing = moe.last_routing
+    out, routing = moe.forward_with_routing(x)
     assert isinstance(routing, ImageRouting) and out.shape == x.shape
     chosen = routing.expert.view(IMAGES, TOKENS, k)
     assert bool((chosen == chosen[:, :1]).all()), "tokens of one image were split across experts"
@@ -63,29 +61,6 @@ def test_balance_loss_is_over_images_and_is_zero_for_equal_importance() -> None:
     assert float(router(images.reshape(-1, DIM), TOKENS).aux_loss) > 0.1
 
 
-def test_superclass_targets_add_a_cross_entropy_and_train_the_router() -> None:
-    torch.manual_seed(0)
-    router = ImageRouter(dim=DIM, num_experts=EXPERTS_, noise_std=0.0, importance_weight=0.0, load_weight=0.0)
-    x = torch.randn(IMAGES * TOKENS, DIM)
-    targets = torch.arange(IMAGES) % EXPERTS_
-    assert float(router(x, TOKENS).aux_loss) == 0.0
-    optimizer = torch.optim.SGD(router.parameters(), lr=1.0)
-    router.set_superclass_targets(targets, weight=1.0)
-    logits = router.gate(x.view(IMAGES, TOKENS, DIM).mean(1))
-    first = float(router(x, TOKENS).aux_loss)
-    assert first == pytest.approx(float(torch.nn.functional.cross_entropy(logits, targets)), rel=1e-5)
-    for _ in range(200):
-        optimizer.zero_grad()
-        router(x, TOKENS).aux_loss.backward()
-        optimizer.step()
-    assert float(router.last_superclass_loss) < 0.1 * first and float(router.last_superclass_accuracy) == 1.0
-    router.eval()  # evaluation forwards never add it
-    assert float(router(x, TOKENS).aux_loss) == 0.0
-    router.train().set_superclass_targets(torch.zeros(IMAGES + 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="routes 6 images"):
-        router(x, TOKENS)
-
-
 def test_accounting_matches_a_dense_ffn_with_k1() -> None:
     moe = build_moe(dim=DIM, hidden=32, num_experts=EXPERTS_, router="image", k=1)
     dense = FeedForward(DIM, 32)
@@ -100,5 +75,5 @@ def test_k_is_checked_and_settable() -> None:
         build_router("image", dim=DIM, num_experts=EXPERTS_, k=5)
     moe = build_moe(dim=DIM, hidden=8, num_experts=EXPERTS_, router="image")
     moe.set_k(3)
-    moe(torch.randn(2, TOKENS, DIM))
-    assert moe.last_routing.token.numel() == 2 * TOKENS * 3
+    _, routing = moe.forward_with_routing(torch.randn(2, TOKENS, DIM))
+    assert routing.token.numel() == 2 * TOKENS * 3

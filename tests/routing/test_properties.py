@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssroute.layers.moe import build_moe, dense_reference
+from ssroute.moe import build_moe, dense_reference
 from ssroute.routing.capacity import bucket_positions
 
 FAST = settings(max_examples=25, deadline=None)

@@ -15,7 +15,7 @@ from ssroute.train.pretrain_module import NonFiniteLossError, PretrainModule
 
 def backbone_state(run_dir):
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith(("backbone.", "objective.", "stage_objectives."))}
+    return {k: v for k, v in state.items() if k.startswith(("backbone.", "objectives."))}
 
 
 def test_pretrain_then_finetune_writes_run_folders(tmp_path, pretrain_cfg, finetune_cfg):
@@ -28,10 +28,11 @@ def test_pretrain_then_finetune_writes_run_folders(tmp_path, pretrain_cfg, finet
     counts = torch.bincount(build_data(pretrain_cfg().data, 0).train.labels)
     expected_labels = sum(max(1, round(0.5 * int(c))) for c in counts)
     for mode in ("linear", "full"):
-        cfg = finetune_cfg([f"checkpoint={run}", f"mode={mode}", "labels_fraction=0.5"])
+        cfg = finetune_cfg([f"checkpoint={run}", f"mode={mode}", "labels_fraction=0.5", "trainer.max_epochs=8", "optim.lr=5e-3"])
         out = run_finetune(cfg, tmp_path / "runs" / f"ft_{mode}", overrides=[f"checkpoint={run}"])
         ft = json.loads((out / "metrics.json").read_text())
-        assert ft["labels_fraction"] == 0.5 and ft["num_labels"] == expected_labels and 0.0 <= ft["test_top1"] <= 1.0
+        assert ft["labels_fraction"] == 0.5 and ft["num_labels"] == expected_labels
+        assert ft["test_top1"] > 0.12  # above chance (0.1): the head learned from the labels (40 steps)
 
 
 def test_routed_backbone_pretrains_and_finetunes_with_its_router_from_the_checkpoint(tmp_path, pretrain_cfg, finetune_cfg):
@@ -42,10 +43,10 @@ def test_routed_backbone_pretrains_and_finetunes_with_its_router_from_the_checkp
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["params_total"] > metrics["params_active"] and 0 < metrics["expert_param_share"] < 1
     header = (run / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {f"block1/load_e{e}" for e in range(4)} | {"block1/dropped", "aux_loss", "routing_consistency"} <= set(header)
+    assert {f"block1/load_e{e}" for e in range(4)} | {"block1/dropped", "loss/router_aux", "loss/consistency"} <= set(header)
     for key in ("routing_agreement", "routing_agreement_chance", "expert_usage_entropy", "dead_experts", "block1/routing_agreement"):
         assert key in metrics
-    assert 0.0 <= metrics["routing_agreement_chance"] <= 1.0 and 0.0 <= metrics["expert_usage_entropy"] <= 1.0
+    assert metrics["routing_agreement"] > metrics["routing_agreement_chance"] and metrics["expert_usage_entropy"] > 0.5
     assert 0.0 < metrics["cka/block0_block1"] <= 1.0 + 1e-9
     out = run_finetune(finetune_cfg([f"checkpoint={run}", "mode=linear", "trainer.max_epochs=1"]), tmp_path / "runs" / "ft", overrides=[])
     saved = (out / "config.yaml").read_text()
@@ -58,7 +59,7 @@ def test_consistency_weight_zero_turns_the_loss_off(tmp_path, pretrain_cfg):
         tmp_path / "runs" / "pre",
     )
     header = (run / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert "routing_consistency" not in header and "aux_loss" in header
+    assert "loss/consistency" not in header and "loss/router_aux" in header
     assert "routing_agreement" in json.loads((run / "metrics.json").read_text())
 
 
@@ -123,9 +124,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     original = SimCLR.forward
     calls = {"n": 0}
 
-    def poisoned(self, encoder, views):
+    def poisoned(self, features, views, encoder):
         calls["n"] += 1
-        loss = original(self, encoder, views)
+        loss = original(self, features, views, encoder)
         return loss * float("nan") if calls["n"] > 4 else loss
 
     monkeypatch.setattr(SimCLR, "forward", poisoned)

@@ -1,22 +1,22 @@
-"""Super-classes for image routing: classes (or images) clustered into one group per expert.
+"""Super-classes for image routing: classes (or images) clustered into one group per expert, and the router's loss.
 
 Mobile V-MoE (Daxberger et al. 2023, arXiv 2309.04354) does not leave the
 image router to find its own split: it clusters the classes into ``E``
 super-classes from class-mean features of a trained model and trains the router
-to predict each image's super-class (an auxiliary cross-entropy, see
-``ssroute.routing.image.ImageRouter.set_superclass_targets``). Without labels,
-the images themselves are clustered (as DeepCluster, Caron et al. 2018, trains
-on the k-means clusters of its own features).
+to predict each image's super-class (an auxiliary cross-entropy,
+:func:`superclass_loss`, on the image distributions the forward returns).
+Without labels, the images themselves are clustered (as DeepCluster, Caron et
+al. 2018, trains on the k-means clusters of its own features).
 
 - :func:`class_superclasses`: features ``[images, dim]`` + labels ``[images]`` ->
   super-class of each class ``[classes]`` (k-means of the class means);
 - :func:`image_clusters`: features ``[images, dim]`` -> cluster of each image ``[images]``;
 - :func:`align_clusters` / :func:`cluster_permutation`: relabel clusters to agree most with a reference
   assignment (the router's current top-1, or the previous clustering), so the
-  ids the router is trained on do not permute arbitrarily.
+  ids the router is trained on do not permute arbitrarily;
+- :func:`superclass_loss`: cross-entropy of every image router's distribution to the targets.
 
-K-means is faiss's (as in ``ssroute.experts.kmeans``), seeded with k-means++
-(Arthur & Vassilvitskii 2007) so well-separated groups each get a centroid.
+K-means is :func:`ssroute.kmeans.kmeans` (faiss, k-means++ seeding).
 
 >>> import torch
 >>> means = torch.tensor([[0.0, 0], [0, 1], [10, 0], [10, 1], [0, 10], [1, 10]])
@@ -27,47 +27,15 @@ True
 
 from __future__ import annotations
 
-import faiss
-import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from ssroute.errors import ConfigError
-
-
-def kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """``[k, d]`` initial centroids: each next one drawn with probability proportional to squared distance."""
-    centroids = [points[rng.integers(len(points))]]
-    nearest = ((points - centroids[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        total = nearest.sum()
-        pick = rng.choice(len(points), p=nearest / total) if total > 0 else rng.integers(len(points))
-        centroids.append(points[pick])
-        nearest = np.minimum(nearest, ((points - points[pick]) ** 2).sum(1))
-    return np.stack(centroids)
-
-
-def kmeans(points: Tensor, k: int, niter: int = 20, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Cluster ``points [n, d]`` into ``k`` clusters; returns ``(assign [n] long, centroids [k, d])``.
-
-    Args:
-        points: the vectors to cluster.
-        k: number of clusters (at most ``n``).
-        niter: Lloyd iterations of faiss k-means after the k-means++ seeding.
-        seed: seeds the k-means++ draw.
-    """
-    n = points.shape[0]
-    if not 1 <= k <= n:
-        raise ConfigError(
-            f"k-means of {n} points into {k} clusters is impossible; use at most as many experts as points (classes or images)."
-        )
-    x = np.ascontiguousarray(points.detach().float().cpu().numpy())
-    init = kmeans_plus_plus(x.astype(np.float64), k, np.random.default_rng(seed)).astype(np.float32)
-    index = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1, max_points_per_centroid=1 << 30)
-    index.train(x, init_centroids=init)
-    _, assign = index.index.search(x, 1)
-    return torch.from_numpy(assign[:, 0].astype(np.int64)), torch.from_numpy(index.centroids.copy())
+from ssroute.kmeans import kmeans
+from ssroute.routing import Routing
+from ssroute.routing.image import ImageRouting
 
 
 def class_superclasses(features: Tensor, labels: Tensor, num_classes: int, num_superclasses: int, niter: int = 20, seed: int = 0) -> Tensor:
@@ -111,3 +79,19 @@ def align_clusters(assign: Tensor, reference: Tensor, k: int) -> Tensor:
     [0, 0, 1, 2]
     """
     return cluster_permutation(assign, reference, k)[assign]
+
+
+def superclass_loss(routings: dict[int, Routing], targets: Tensor, weight: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``({"superclass": weight x mean cross-entropy}, {"superclass_top1": accuracy})`` of every image router
+    in ``routings`` against the super-class ids ``targets [images]``; two empty dicts when none routes images."""
+    image_routings = [r for r in routings.values() if isinstance(r, ImageRouting)]
+    if not image_routings:
+        return {}, {}
+    losses, hits = [], []
+    for routing in image_routings:
+        probs = routing.image_probs.float()
+        if probs.shape[0] != targets.shape[0]:
+            raise ValueError(f"super-class targets are for {targets.shape[0]} images but the forward routed {probs.shape[0]}")
+        losses.append(F.nll_loss(probs.clamp_min(1e-8).log(), targets))
+        hits.append((probs.detach().argmax(dim=-1) == targets).float().mean())
+    return {"superclass": weight * torch.stack(losses).mean()}, {"superclass_top1": torch.stack(hits).mean()}

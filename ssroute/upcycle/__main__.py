@@ -5,7 +5,7 @@ one: each chosen FFN is split into ``num_experts`` experts by balanced k-means
 and gets an ``mlp_selection`` router (MoEfication, Zhang et al. 2022). Writes
 ``runs/upcycle/<time>/checkpoints/last.ckpt``, which ``python -m finetune
 checkpoint=runs/upcycle/<time>`` fine-tunes, and prints the folder. The logic
-is in :mod:`ssroute.experts.upcycle`.
+is in :mod:`ssroute.upcycle.run` and :mod:`ssroute.upcycle.split`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from ssroute.errors import ConfigError
 
 
-@hydra.main(config_path="../configs", config_name="upcycle", version_base="1.3")
+@hydra.main(config_path="../../configs", config_name="upcycle", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from ssroute.experts.upcycle import save_upcycled, upcycle_checkpoint
+    from ssroute.upcycle.run import save_upcycled, upcycle_checkpoint
 
     try:
         if not cfg.checkpoint:

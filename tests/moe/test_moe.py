@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from ssroute.errors import ConfigError
 from ssroute.layers.block import TransformerBlock
 from ssroute.layers.mlp import FeedForward
-from ssroute.layers.moe import MoELayer, build_moe, collect_aux_loss
+from ssroute.moe import MoELayer, build_moe
 from ssroute.routing import Routing, build_router
 
 
@@ -29,8 +28,9 @@ def test_one_expert_equals_the_dense_ffn() -> None:
 def test_drop_in_for_a_transformer_block() -> None:
     block = TransformerBlock(dim=16, heads=4, ffn=build_moe(dim=16, hidden=32, num_experts=4, router="expert_choice"))
     x = torch.randn(2, 9, 16, requires_grad=True)
-    out = block(x)
+    out, routing = block(x)
     out.sum().backward()
+    assert routing is not None and routing.num_tokens == 18  # the block hands its routing up
     assert out.shape == x.shape and x.grad is not None
 
 
@@ -44,10 +44,9 @@ def test_sparse_path_never_builds_dense_dispatch(monkeypatch: pytest.MonkeyPatch
     moe = build_moe(dim=8, hidden=16, num_experts=4, router="token_choice", k=2)
     original = moe.experts.forward
     moe.experts.forward = lambda x, sizes, context: calls.append((len(sizes), context)) or original(x, sizes, context)
-    moe(torch.randn(2, 5, 8))
+    _, routing = moe.forward_with_routing(torch.randn(2, 5, 8))
     assert len(calls) == 1 and calls[0][0] == 4  # one bank call, one block per expert
     context = calls[0][1]
-    routing = moe.last_routing
     order = torch.argsort(routing.expert, stable=True)
     assert torch.equal(context.token_index, routing.token[order])
     assert torch.equal(context.image_index, routing.token[order] // 5)
@@ -55,35 +54,53 @@ def test_sparse_path_never_builds_dense_dispatch(monkeypatch: pytest.MonkeyPatch
 
 def test_dropped_tokens_output_zero_and_load_is_reported() -> None:
     moe = build_moe(dim=8, hidden=16, num_experts=4, router="token_choice", capacity_factor=0.25)
-    out = moe(torch.randn(2, 16, 8))
-    routing = moe.last_routing
+    out, routing = moe.forward_with_routing(torch.randn(2, 16, 8))
     dropped = routing.experts_per_token() == 0
     assert int(dropped.sum()) == int(routing.num_dropped) > 0
     assert bool((out.view(-1, 8)[dropped] == 0).all())
-    assert moe.last_load.shape == (4,) and int(moe.last_load.sum()) == routing.token.numel()
-    assert int(moe.last_load.max()) <= 2 * routing.capacity  # 2 images
+    load = routing.load()
+    assert load.shape == (4,) and int(load.sum()) == routing.token.numel()
+    assert int(load.max()) <= 2 * routing.capacity  # 2 images
 
 
 def test_soft_moe_layer_and_load() -> None:
     moe = build_moe(dim=8, hidden=16, num_experts=4, router="soft_moe", slots_per_expert=2)
     x = torch.randn(3, 5, 8, requires_grad=True)
-    out = moe(x)
+    out, routing = moe.forward_with_routing(x)
     out.sum().backward()
     assert out.shape == x.shape and moe.router.slot_embed.grad is not None
-    assert moe.last_load.tolist() == [6, 6, 6, 6]
+    assert routing.load().tolist() == [6, 6, 6, 6]
 
 
-def test_collect_aux_loss_sums_layers() -> None:
-    model = nn.Sequential(
-        build_moe(dim=8, hidden=16, num_experts=4, router="token_choice"),
-        build_moe(dim=8, hidden=16, num_experts=4, router="vq"),
-        nn.Linear(8, 8),
-    )
-    model(torch.randn(2, 6, 8))
-    total = collect_aux_loss(model)
-    assert torch.allclose(total, model[0].aux_loss + model[1].aux_loss)
-    assert float(total.detach()) > 0
-    assert float(collect_aux_loss(nn.Linear(2, 2))) == 0.0
+def test_the_backbone_returns_the_sum_of_its_layers_aux_losses() -> None:
+    from ssroute.models.vit import ViT
+
+    routers = ["token_choice", "vq"]
+    vit = ViT(image_size=8, channels=1, dim=8, depth=3, heads=2, patch_size=2,
+              ffn_factory=lambda i: build_moe(dim=8, hidden=16, num_experts=4, router=routers[i]) if i < 2 else FeedForward(8, 16))  # fmt: skip
+    _, aux = vit(torch.randn(2, 1, 8, 8))
+    assert sorted(aux.routings) == [0, 1]
+    total = aux.losses["router_aux"]
+    assert torch.allclose(total, aux.routings[0].aux_loss + aux.routings[1].aux_loss) and float(total.detach()) > 0
+    _, dense = ViT(image_size=8, channels=1, dim=8, depth=1, heads=2, patch_size=2)(torch.randn(2, 1, 8, 8))
+    assert "router_aux" not in dense.losses and dense.routings == {}
+    _, frozen = vit(torch.randn(2, 1, 8, 8), frozen_below=1)  # a frozen block's loss cannot train anything
+    assert torch.allclose(frozen.losses["router_aux"], frozen.routings[1].aux_loss)
+
+
+def test_the_layer_keeps_no_state_between_forwards() -> None:
+    moe = build_moe(dim=8, hidden=16, num_experts=4, router="token_choice")
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    attributes = set(vars(moe))
+    moe(torch.randn(2, 5, 8))
+    assert set(vars(moe)) == attributes and all(torch.equal(v, before[k]) for k, v in moe.state_dict().items())
+
+
+def test_routing_groups_of_several_images() -> None:
+    moe = build_moe(dim=8, hidden=16, num_experts=4, router="token_choice", capacity_factor=1.0, group_images=2)
+    _, routing = moe.forward_with_routing(torch.randn(4, 6, 8) + 3.0)
+    assert routing.tokens_per_group == 12 and routing.capacity == 3  # ceil(1.0 * 12 / 4): shared by the two images of a group
+    assert int(routing.group_loads().max()) <= 3
 
 
 def test_options_go_to_router_or_experts_by_name() -> None:

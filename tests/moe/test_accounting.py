@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from ssroute.layers.accounting import model_accounting
 from ssroute.layers.block import TransformerBlock
 from ssroute.layers.mlp import FeedForward
-from ssroute.layers.moe import build_moe
+from ssroute.moe import build_moe, model_accounting
 
 D, H, E = 16, 64, 8
 FFN_PARAMS = D * H + H + H * D + D
@@ -50,9 +49,9 @@ def test_dynamic_k_uses_the_measured_k_after_a_forward() -> None:
     moe = build_moe(dim=D, hidden=H, num_experts=E, router="top_p", p=0.9)
     before = model_accounting(moe, 10)["flops_experts_per_token"]
     assert before == E * FFN_FLOPS  # no forward yet: the cap max_k = E
-    moe(torch.randn(4, 10, D))
-    measured = moe.last_routing.token.numel() / 40
-    assert model_accounting(moe, 10)["flops_experts_per_token"] == pytest.approx(measured * FFN_FLOPS)
+    _, routing = moe.forward_with_routing(torch.randn(4, 10, D))
+    measured = routing.token.numel() / 40
+    assert model_accounting(moe, 10, {0: measured})["flops_experts_per_token"] == pytest.approx(measured * FFN_FLOPS)
 
 
 def test_blocks_add_attention_and_count_shared_modules_once() -> None:

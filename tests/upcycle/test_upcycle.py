@@ -7,18 +7,12 @@ import torch
 from omegaconf import OmegaConf
 
 from ssroute.errors import ConfigError
-from ssroute.experts.upcycle import (
-    activation_mass,
-    experts_from_ffn,
-    neuron_groups,
-    save_upcycled,
-    train_selection_router,
-    upcycle_checkpoint,
-)
 from ssroute.layers.mlp import FeedForward
-from ssroute.layers.moe import MoELayer
 from ssroute.models import build_backbone
+from ssroute.moe import MoELayer
 from ssroute.routing import build_router
+from ssroute.upcycle import activation_mass, experts_from_ffn, neuron_groups, train_selection_router
+from ssroute.upcycle.run import save_upcycled, upcycle_checkpoint
 
 
 def _moe_from(ffn: FeedForward, experts: int, k: int, random: bool = False) -> MoELayer:
@@ -46,8 +40,8 @@ def test_fewer_experts_drop_exactly_the_unselected_neurons() -> None:
     groups, _ = neuron_groups(ffn, 4)
     moe = _moe_from(ffn, 4, k=2)
     x = torch.randn(2, 5, 16)
-    out = moe(x).view(10, 16)
-    routing = moe.last_routing
+    out, routing = moe.forward_with_routing(x)
+    out = out.view(10, 16)
     mask = torch.zeros(10, 64)
     for t, e in zip(routing.token.tolist(), routing.expert.tolist(), strict=True):
         mask[t, groups[e]] = 1.0
@@ -79,7 +73,8 @@ def test_trained_selection_captures_more_activation_mass_than_random() -> None:
 
 
 def test_checkpoint_round_trip_and_finetune_accepts_it(tmp_path, finetune_cfg) -> None:
-    from ssroute.train.finetune import load_pretrained, run_finetune
+    from ssroute.checkpoint import load_pretrained
+    from ssroute.train.finetune import run_finetune
 
     cfg = finetune_cfg(["model.activation=relu"])
     cfg.model.patch_size = 2
@@ -101,7 +96,7 @@ def test_checkpoint_round_trip_and_finetune_accepts_it(tmp_path, finetune_cfg) -
     routed = build_backbone(OmegaConf.create(config), 8, 1)
     routed.load_state_dict(state)
     images = torch.randn(4, 1, 8, 8)
-    assert (routed.eval()(images) - dense.eval()(images)).abs().max() < 1e-5  # k = E: the dense model
+    assert (routed.eval()(images)[0] - dense.eval()(images)[0]).abs().max() < 1e-5  # k = E: the dense model
     assert torch.equal(
         torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["head.1.weight"], head["head.1.weight"]
     )

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssroute.errors import ConfigError
-from ssroute.experts.kmeans import balanced_kmeans, groups_of
+from ssroute.kmeans import balanced_kmeans, groups_of
 
 
 @settings(max_examples=15, deadline=None)

@@ -25,7 +25,18 @@ from __future__ import annotations
 from torch import nn
 
 from ssroute.layers.attention import Attention
-from ssroute.layers.moe import MoELayer
+from ssroute.moe.layer import MoELayer
+
+
+def moe_layers(model: nn.Module) -> dict[int, MoELayer]:
+    """The MoE layers of ``model`` by the index of the block they sit in (``blocks.<i>.ffn``; order of appearance otherwise)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            parts = name.split(".")
+            index = int(parts[parts.index("blocks") + 1]) if "blocks" in parts and parts[parts.index("blocks") + 1].isdigit() else len(found)
+            found[index] = module
+    return found
 
 
 def _flops(module: nn.Module, tokens_per_image: int, moe: dict[MoELayer, dict[str, float]]) -> float:
@@ -43,9 +54,14 @@ def _flops(module: nn.Module, tokens_per_image: int, moe: dict[MoELayer, dict[st
     return flops + sum(_flops(child, tokens_per_image, moe) for child in module.children())
 
 
-def model_accounting(model: nn.Module, tokens_per_image: int) -> dict[str, float]:
-    """Total/active parameters, FLOPs per token and the expert shares of ``model``."""
-    moe = {m: m.accounting(tokens_per_image) for m in model.modules() if isinstance(m, MoELayer)}
+def model_accounting(model: nn.Module, tokens_per_image: int, measured_rows: dict[int, float] | None = None) -> dict[str, float]:
+    """Total/active parameters, FLOPs per token and the expert shares of ``model``.
+
+    ``measured_rows``: expert rows per token of the MoE layers seen in a real forward, by block index
+    (``ForwardAux.rows_per_token()``), for routers whose k depends on the data (dynamic k).
+    """
+    measured = measured_rows or {}
+    moe = {m: m.accounting(tokens_per_image, measured.get(i)) for i, m in moe_layers(model).items()}
     params_total = float(sum(p.numel() for p in model.parameters()))
     params_inactive = sum(a["params_total"] - a["params_active"] for a in moe.values())
     params_experts = sum(a["params_experts"] for a in moe.values())

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from ssroute.errors import ConfigError
-from ssroute.layers.moe import build_moe
-from ssroute.routing.superclass import align_clusters, class_superclasses, cluster_permutation, image_clusters, kmeans
-from ssroute.train.superclass import check_superclass, pooled_features, superclass_targets
+from ssroute.objectives.superclass import align_clusters, class_superclasses, cluster_permutation, image_clusters, kmeans
 
 
 def planted(groups: int, per_group: int, dim: int = 8, spread: float = 0.3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,36 +61,26 @@ def test_alignment_is_the_best_permutation_by_brute_force() -> None:
     assert sorted(cluster_permutation(assign, reference, 4).tolist()) == [0, 1, 2, 3]
 
 
-def test_targets_reach_every_image_router_and_are_cleared() -> None:
-    model = torch.nn.ModuleDict(
-        {"a": build_moe(dim=8, hidden=8, num_experts=2, router="image"), "b": build_moe(dim=8, hidden=8, num_experts=2)}
-    )
-    cfg = type("C", (), {"superclass": type("S", (), {"weight": 1.0})})()
-    layers = check_superclass(cfg, model)
-    assert list(layers) == ["a"]
-    targets = torch.tensor([0, 1, 1])
-    with superclass_targets(layers, targets, weight=0.5):
-        out = model["a"](torch.randn(3, 5, 8))
-        assert model["a"].router.superclass_targets is targets
-    assert model["a"].router.superclass_targets is None and out.shape == (3, 5, 8)
-    assert float(model["a"].aux_loss) > 0 and model["a"].router.last_superclass_loss is not None
-    with pytest.raises(ConfigError, match="needs an image-routed MoE layer; set router=image"):
-        check_superclass(cfg, torch.nn.ModuleDict({"b": model["b"]}))
+def test_superclass_targets_add_a_cross_entropy_and_train_the_router() -> None:
+    from ssroute.objectives.superclass import superclass_loss
+    from ssroute.routing.image import ImageRouter
 
-
-def test_pooled_features_capture_what_the_router_pools() -> None:
+    images, tokens, dim, experts = 6, 9, 16, 4
     torch.manual_seed(0)
-    layer = build_moe(dim=8, hidden=8, num_experts=3, router="image")
-    backbone = torch.nn.Sequential(torch.nn.Linear(4, 8), layer)
-    backbone.pool = None  # a plain module works: features come from the layer's input
-    images = torch.randn(10, 5, 4)
-    loader = [
-        (images[:6], torch.zeros(6, dtype=torch.long), torch.arange(6)),
-        (images[6:], torch.ones(4, dtype=torch.long), torch.arange(6, 10)),
-    ]
-    found = pooled_features(backbone, loader, lambda x: x, torch.device("cpu"), layer)
-    expected = backbone[0](images).mean(dim=1)
-    assert torch.allclose(found["features"], expected, atol=1e-6)
-    logits = expected @ layer.router.gate.weight.t()
-    assert torch.equal(found["router_top1"], logits.argmax(-1)) and torch.equal(found["index"], torch.arange(10))
-    assert backbone.training  # restored after the eval-mode pass
+    router = ImageRouter(dim=dim, num_experts=experts, noise_std=0.0, importance_weight=0.0, load_weight=0.0)
+    x = torch.randn(images * tokens, dim)
+    targets = torch.arange(images) % experts
+    assert float(router(x, tokens).aux_loss) == 0.0  # the router's own loss never includes it
+    optimizer = torch.optim.SGD(router.parameters(), lr=1.0)
+    logits = router.gate(x.view(images, tokens, dim).mean(1))
+    first, accuracy = superclass_loss({1: router(x, tokens)}, targets, weight=1.0)
+    assert float(first["superclass"]) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, targets)), rel=1e-5)
+    for _ in range(200):
+        optimizer.zero_grad()
+        superclass_loss({1: router(x, tokens)}, targets, weight=1.0)[0]["superclass"].backward()
+        optimizer.step()
+    loss, accuracy = superclass_loss({1: router(x, tokens)}, targets, weight=1.0)
+    assert float(loss["superclass"]) < 0.1 * float(first["superclass"]) and float(accuracy["superclass_top1"]) == 1.0
+    assert superclass_loss({}, targets, 1.0) == ({}, {})  # no image router: nothing to train
+    with pytest.raises(ValueError, match="routed 6"):
+        superclass_loss({1: router(x, tokens)}, torch.zeros(images + 1, dtype=torch.long), 1.0)

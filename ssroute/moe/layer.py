@@ -12,19 +12,24 @@ executes the :class:`~ssroute.routing.Routing`:
   the dispatch weights and slots back into tokens with the combine weights.
 
 A token with no kept assignment gets output 0, so the block's residual carries
-it. After each forward the layer holds ``aux_loss``, ``last_routing`` and
-``last_load`` (rows per expert, ``[experts]``); no host sync is added for them.
+it. The layer keeps no per-step state: :meth:`MoELayer.forward_with_routing`
+returns the :class:`~ssroute.routing.Routing` next to the output (its
+``aux_loss``, ``load()``, ``probs``), which is what the backbone hands up to the
+training loop; :meth:`MoELayer.forward` is the plain drop-in FFN.
+
+Routing groups are ``group_images`` images (1: per image, as V-MoE's default
+group of one image's tokens): capacity, batch priority, expert choice, soft
+slots, set matching and the balance losses act within a group.
 
 >>> import torch
 >>> moe = build_moe(dim=16, hidden=32, num_experts=4, router="token_choice", k=2)
->>> moe(torch.randn(2, 5, 16)).shape, moe.last_load.shape
-(torch.Size([2, 5, 16]), torch.Size([4]))
+>>> y, routing = moe.forward_with_routing(torch.randn(2, 5, 16))
+>>> y.shape, routing.load().shape, moe(torch.randn(2, 5, 16)).shape
+(torch.Size([2, 5, 16]), torch.Size([4]), torch.Size([2, 5, 16]))
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -32,8 +37,8 @@ from torch import Tensor, nn
 
 from ssroute.errors import ConfigError
 from ssroute.experts import EXPERTS, ExpertBank, ExpertContext, build_experts
+from ssroute.registry import option_names
 from ssroute.routing import ROUTERS, Router, Routing, build_router
-from ssroute.routing.base import option_names
 
 
 class MoELayer(nn.Module):
@@ -42,38 +47,38 @@ class MoELayer(nn.Module):
     Args:
         router: a :class:`~ssroute.routing.Router`.
         experts: an :class:`~ssroute.experts.ExpertBank` with as many experts.
+        group_images: images per routing group (capacity and balance act per group).
     """
 
-    def __init__(self, router: Router, experts: ExpertBank) -> None:
+    def __init__(self, router: Router, experts: ExpertBank, group_images: int = 1) -> None:
         super().__init__()
         if router.num_experts != experts.num_experts or router.dim != experts.dim:
             raise ConfigError(
                 f"router has dim={router.dim}, num_experts={router.num_experts} but the experts have "
                 f"dim={experts.dim}, num_experts={experts.num_experts}; build both with the same values."
             )
+        if group_images < 1:
+            raise ConfigError(f"group_images={group_images} must be a positive number of images per routing group.")
         self.router = router
         self.experts = experts
         self.num_experts = experts.num_experts
-        self.aux_loss: Tensor = torch.zeros(())
-        self.last_routing: Routing | None = None
-        self.last_load: Tensor = torch.zeros(self.num_experts, dtype=torch.long)
-        self.recorded: list[Routing] | None = None  # every forward's routing while recording (see record_routing)
+        self.group_images = group_images
 
     def set_k(self, k: int) -> None:
         """Change experts per token (top-k routers) or the cap ``max_k`` (dynamic k)."""
         self.router.set_k(k)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``[batch, tokens, dim] -> [batch, tokens, dim]``: the drop-in FFN (the routing is discarded)."""
+        return self.forward_with_routing(x)[0]
+
+    def forward_with_routing(self, x: Tensor) -> tuple[Tensor, Routing]:
+        """``[batch, tokens, dim] -> ([batch, tokens, dim], Routing of the batch * tokens flat tokens)``."""
         batch, tokens, dim = x.shape
         flat = x.reshape(batch * tokens, dim)
-        routing = self.router(flat, tokens_per_group=tokens)
-        out = self.execute(flat, routing)
-        self.aux_loss = routing.aux_loss
-        self.last_routing = routing
-        self.last_load = routing.load().detach()
-        if self.recorded is not None:
-            self.recorded.append(routing)
-        return out.view(batch, tokens, dim)
+        group = tokens * (self.group_images if batch % self.group_images == 0 else 1)  # a ragged batch routes per image
+        routing = self.router(flat, tokens_per_group=group)
+        return self.execute(flat, routing).view(batch, tokens, dim), routing
 
     def execute(self, flat: Tensor, routing: Routing) -> Tensor:
         """Apply the experts to ``flat [tokens, dim]`` as ``routing`` says."""
@@ -99,18 +104,19 @@ class MoELayer(nn.Module):
         out = torch.einsum("gnes,egsd->gnd", routing.combine_weights, y.view(experts, groups, slots, -1))
         return out.reshape(flat.shape)
 
-    def rows_per_token(self, tokens_per_image: int) -> float:
-        """Expert rows computed per token: the router's nominal value, else measured, else ``k``."""
-        nominal = self.router.experts_per_token(tokens_per_image)
+    def rows_per_token(self, tokens_per_image: int, measured: float | None = None) -> float:
+        """Expert rows computed per token: the router's nominal value, else ``measured`` (from a routing), else ``k``."""
+        nominal = self.router.experts_per_token(tokens_per_image * self.group_images)
         if nominal is not None:
             return float(nominal)
-        if self.last_routing is not None:
-            return self.last_routing.token.numel() / self.last_routing.num_tokens
+        if measured is not None:
+            return float(measured)
         return float(getattr(self.router, "k", 1))
 
-    def accounting(self, tokens_per_image: int) -> dict[str, float]:
-        """Parameters and per-token FLOPs of this layer (see ``ssroute.layers.accounting``)."""
-        rows = self.rows_per_token(tokens_per_image)
+    def accounting(self, tokens_per_image: int, measured_rows: float | None = None) -> dict[str, float]:
+        """Parameters and per-token FLOPs of this layer (see ``ssroute.moe.accounting``); ``measured_rows``:
+        expert rows per token seen in a real forward, for routers whose k depends on the data."""
+        rows = self.rows_per_token(tokens_per_image, measured_rows)
         router_params = sum(p.numel() for p in self.router.parameters())
         expert_params = sum(p.numel() for p in self.experts.parameters())
         active_experts = self.num_experts if self.router.soft else min(float(self.num_experts), rows)
@@ -155,6 +161,7 @@ def build_moe(
     experts: str = "mlp",
     router_options: dict[str, Any] | None = None,
     expert_options: dict[str, Any] | None = None,
+    group_images: int = 1,
     **options: Any,
 ) -> MoELayer:
     """Build an MoE layer; each keyword option goes to the router or the experts, by name.
@@ -184,31 +191,5 @@ def build_moe(
     return MoELayer(
         build_router(router, dim=dim, num_experts=num_experts, **router_opts),
         build_experts(experts, dim=dim, hidden=hidden, num_experts=num_experts, **expert_opts),
+        group_images=group_images,
     )
-
-
-@contextmanager
-def record_routing(model: nn.Module) -> Iterator[dict[str, list[Routing]]]:
-    """Collect the routing of every forward of every MoE layer in ``model``, by module name.
-
-    An SSL objective runs the encoder once per view, so inside this context
-    ``recorded[name][v]`` is layer ``name``'s routing of view ``v`` (with autograd,
-    for a consistency loss on ``probs``).
-    """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
-    for layer in layers.values():
-        layer.recorded = []
-    try:
-        yield {name: layer.recorded for name, layer in layers.items()}
-    finally:
-        for layer in layers.values():
-            layer.recorded = None
-
-
-def collect_aux_loss(model: nn.Module) -> Tensor:
-    """Sum of the last forward's ``aux_loss`` over every :class:`MoELayer` in ``model`` (0 if none)."""
-    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoELayer)]
-    if not losses:
-        param = next(model.parameters(), None)
-        return torch.zeros((), device=param.device if param is not None else None)
-    return torch.stack([loss.to(losses[0].device).float() for loss in losses]).sum()
