@@ -156,6 +156,22 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalSettings:
+    """How an evaluation measures (ssroute/eval/evaluation.py, docs/evaluation.md): the ``evaluation`` section of a run, and the evaluate command's options."""
+
+    knn_k: int = 20  # neighbours of the weighted kNN (DINO's k)
+    knn_temperature: float = 0.07  # vote temperature of the weighted kNN (DINO's)
+    fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])  # labelled images per class of the few-shot protocol
+    fewshot_draws: int = 5  # seeded support draws averaged per shot count (cost: one nearest-class-mean fit each)
+    block_linear: bool = True  # per-block probes also fit a linear probe per block (the slow part); false = kNN only
+    stability_pairs: int = 1  # augmentation pairs per image per setting in routing agreement and stability (cost scales with it); 0 = skip
+    stability_strengths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5])  # augmentation strengths of the stability curve (1 = the run's)
+    max_routing_images: int = 1024  # held-out images used by routing agreement, stability, analytics, position and plots
+    batch_size: int = 512  # images per forward pass
+    seed: int = 0  # seeds few-shot draws, augmentation pairs and probe splits
+
+
+@dataclass
 class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -171,8 +187,9 @@ class PretrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0  # seeds weights, data order and augmentations
     resume: Any = False  # true: resume the newest unfinished run; a run folder path: resume that run
-    eval_batch_size: int = 512  # batch size for feature extraction in evaluation
-    evaluate: bool = True  # at the end, run ssroute.evaluate (EvaluateConfig defaults) into <run>/eval/
+    eval_batch_size: int = 512  # batch size of the forwards of the online monitor, fluctuation and super-class clustering
+    evaluate: bool = True  # at the end, every protocol of ssroute.evaluate into <run>/eval/ (false: only the run's own metrics)
+    evaluation: EvalSettings = field(default_factory=EvalSettings)  # how the end-of-run evaluation measures
 
 
 @dataclass
@@ -192,28 +209,19 @@ class FinetuneConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     seed: int = 0  # seeds the head, the label subset and data order
     resume: Any = False  # as in pretraining
-    eval_batch_size: int = 512  # batch size for evaluation
-    evaluate: bool = True  # at the end, run ssroute.evaluate (EvaluateConfig defaults) into <run>/eval/
+    eval_batch_size: int = 512  # batch size of the test-split forwards
+    evaluate: bool = True  # at the end, every protocol of ssroute.evaluate into <run>/eval/
+    evaluation: EvalSettings = field(default_factory=EvalSettings)  # how the end-of-run evaluation measures
 
 
 @dataclass
-class EvaluateConfig:
-    """``python -m ssroute.evaluate checkpoint=PATH`` (ssroute/evaluate.py, docs/evaluation.md); the end-of-run evaluation uses these defaults."""
+class EvaluateConfig(EvalSettings):
+    """``python -m ssroute.evaluate checkpoint=PATH`` (ssroute/evaluate.py, docs/evaluation.md)."""
 
     checkpoint: str | None = None  # pretraining or fine-tuning run folder, .ckpt file, or latest (newest finished pretraining run)
     out: str | None = None  # output folder; null = <run>/eval
     data: DataConfig = field(default_factory=DataConfig)  # ignored unless data=NAME or data.key=value is given: the run's own data by default
-    protocols: list[str] | None = None  # subset of ssroute.evaluate.PROTOCOLS; null = every one the data and model support
-    knn_k: int = 20  # neighbours of the weighted kNN (DINO's k)
-    knn_temperature: float = 0.07  # vote temperature of the weighted kNN (DINO's)
-    fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])  # labelled images per class of the few-shot protocol
-    fewshot_draws: int = 5  # seeded support draws averaged per shot count (cost: one nearest-class-mean fit each)
-    block_linear: bool = True  # per-block probes also fit a linear probe per block (the slow part); false = kNN only
-    stability_pairs: int = 1  # augmentation pairs per image per setting in routing stability (cost scales with it)
-    stability_strengths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5])  # augmentation strengths of the stability curve (1 = the run's)
-    max_routing_images: int = 256  # held-out images used by routing stability, analytics and plots
-    batch_size: int = 512  # images per forward pass
-    seed: int = 0  # seeds few-shot draws, augmentation pairs and probe splits
+    protocols: list[str] | None = None  # subset of ssroute.eval.evaluation.PROTOCOLS; null = every one the data and model support
 
 
 def register_configs() -> None:

@@ -45,6 +45,7 @@ def evaluate(checkpoint, overrides=()):
     return evaluate_checkpoint(compose_config("evaluate", overrides), overrides)
 
 
+@pytest.mark.slow
 def test_end_of_run_evaluation_writes_metrics_and_report_and_merges_headlines(moe_run):
     metrics = json.loads((moe_run / "eval" / "metrics.json").read_text())
     expected = {"knn_top1", "linear_top1", "retrieval/precision_at_1", "retrieval/map_at_r", "eval_time_s"}
@@ -63,6 +64,7 @@ def test_end_of_run_evaluation_writes_metrics_and_report_and_merges_headlines(mo
         assert f"(plots/{plot.name})" in report
 
 
+@pytest.mark.slow
 def test_command_prints_the_folder_and_runs_only_the_protocols_asked(moe_run, tmp_path):
     out = tmp_path / "eval"
     result = subprocess.run(
@@ -104,6 +106,7 @@ def rewritten(run: Path, tmp_path: Path, **model) -> Path:
         ({"mlp_ratio": 4.0}, "in the checkpoint but"),
     ],
 )
+@pytest.mark.slow
 def test_incompatible_checkpoint_names_the_mismatch(moe_run, tmp_path, model, named):
     with pytest.raises(ConfigError) as err:
         evaluate(rewritten(moe_run, tmp_path, **model), QUICK)
@@ -121,6 +124,7 @@ def flat_folder(root: Path, count: int = 24) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_unlabelled_data_skips_the_labelled_protocols_or_refuses_them_by_name(moe_run, tmp_path):
     data = ["data=image_folder", f"data.root={flat_folder(tmp_path / 'flat')}", f"out={tmp_path / 'eval'}"]
     result = evaluate(moe_run, [*data, "protocols=[stability]", "stability_strengths=[1.0]", "max_routing_images=16"])
@@ -132,6 +136,7 @@ def test_unlabelled_data_skips_the_labelled_protocols_or_refuses_them_by_name(mo
         evaluate(moe_run, [*data, "protocols=[knn,stability]"])
 
 
+@pytest.mark.slow
 def test_unknown_protocol_is_refused(moe_run):
     with pytest.raises(ConfigError, match=r"names unknown protocol\(s\) \['knm'\]; choose from"):
         evaluate(moe_run, ["protocols=[knm]"])

@@ -131,7 +131,7 @@ def finish_run(
     import torch
     from pytorch_lightning.accelerators import CUDAAccelerator
 
-    from ssroute.config import EvaluateConfig
+    from ssroute.config import EvalSettings
     from ssroute.eval.evaluation import evaluate_backbone, held_out_images
     from ssroute.moe import model_accounting
 
@@ -141,7 +141,7 @@ def finish_run(
     data, backbone = module.data, module.backbone
     backbone.to("cuda" if isinstance(trainer.accelerator, CUDAAccelerator) else "cpu")
     result = evaluate_backbone(
-        backbone, data, cfg.data.augment, OmegaConf.structured(EvaluateConfig),
+        backbone, data, cfg.data.augment, cfg.get("evaluation") or OmegaConf.structured(EvalSettings),  # configs saved before the section existed
         protocols=None if full else supported(run_protocols, data, backbone),
         out_dir=run_dir / "eval" if full else None, run_config=OmegaConf.to_container(cfg, resolve=True), run=str(run_dir), data_name=cfg.data.name,
     )  # fmt: skip

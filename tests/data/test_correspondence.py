@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssroute.config import AugmentConfig
-from ssroute.data.correspondence import grid_correspondence, map_points, nearest_correspondence, view_to_view
+from ssroute.data.correspondence import content_share, grid_correspondence, map_points, nearest_correspondence, view_matches, view_to_view
 from ssroute.data.views import ViewAugment
 from ssroute.layers.patch_embed import grid_centres
 
@@ -133,3 +133,24 @@ def test_kornia_matrices_say_where_pixels_went(cfg):
     inside = ((expected > 3) & (expected < 24)).all(dim=1) & (mass > 0)
     assert inside.sum() > 20
     assert (centroid[inside] - expected[inside]).abs().max() < 1.0
+
+
+def test_pairs_with_a_patch_of_rotation_padding_are_invalid():
+    # rotation after the crop fills the view's corners with zeros; the inverse matrix maps them back onto image pixels
+    torch.manual_seed(0)
+    cfg = AugmentConfig(crop_scale=(0.5, 0.5), crop_ratio=(1.0, 1.0), hflip=0.0, rotation=20.0, color_jitter=0.0)
+    augment = ViewAugment(cfg, channels=1, image_size=32, mean=(0.0,), std=(1.0,))
+    views = augment(torch.full((64, 1, 32, 32), 200, dtype=torch.uint8), num_views=2)
+    centres = grid_centres(32, 4).expand(64, -1, -1)
+    geometry = dict(image_size=32, patch_size=4, grid=True)
+    matrices = (views.matrices[0], views.matrices[1])
+    plain, _ = view_matches(matrices, (centres, centres), **geometry)
+    checked, _ = view_matches(matrices, (centres, centres), content=(views.content[0], views.content[1]), **geometry)
+    share1 = content_share(views.content[0], centres, 4)
+    share2 = torch.gather(content_share(views.content[1], centres, 4), 1, checked.partner)
+    assert bool((share1[checked.valid] >= 0.5).all() and (share2[checked.valid] >= 0.5).all())
+    padded = plain.valid & ~checked.valid
+    assert padded.float().mean() > 0.02  # mapping alone would have paired these padding patches
+    assert torch.equal(checked.valid, plain.valid & (share1 >= 0.5) & torch.gather(content_share(views.content[1], centres, 4) >= 0.5, 1, plain.partner))
+    # the content mask is exactly where the view shows the image: the photometric-free view is 200/255 there, 0 in the padding
+    assert torch.allclose(views.images[0], views.content[0] * 200 / 255, atol=1e-4)

@@ -106,6 +106,7 @@ def test_callback_state_lives_in_the_checkpoint_and_round_trips(straight_run):
     assert restored.metrics() == fluctuation_metrics(state["experts"], state["steps"])
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_with_the_same_history(straight_run, tmp_path, pretrain_cfg, monkeypatch):
     original = PretrainModule.on_train_batch_end
 

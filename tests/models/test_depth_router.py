@@ -177,6 +177,7 @@ def test_bad_depth_router_configs_are_refused(pretrain_cfg, overrides, message):
         build_backbone(cfg, image_size=8, channels=1)
 
 
+@pytest.mark.slow
 def test_depth_routed_vit_pretrains_and_finetunes_on_digits(tmp_path, pretrain_cfg, finetune_cfg):
     small = [
         "model=vit_depth",

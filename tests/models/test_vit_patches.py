@@ -105,6 +105,7 @@ def test_each_forward_returns_the_patches_it_took():
     assert not any(isinstance(v, torch.Tensor) for v in vars(vit.patch_embed).values())  # nothing is left on the module
 
 
+@pytest.mark.slow
 def test_halting_selection_trains_inside_a_layerwise_stack(tmp_path, pretrain_cfg):
     # the stage encoders run the backbone's own forward, so the key mask and pool weights reach every stage
     overrides = ["patches=sequential", "patches.num_patches=9", "model.stack=[ssl,route,ssl]", "model.num_experts=4", "schedule=layerwise",
@@ -115,6 +116,7 @@ def test_halting_selection_trains_inside_a_layerwise_stack(tmp_path, pretrain_cf
     assert sum(1 for r in rows[1:] if r.split(",")[column]) == 3  # a ponder cost in each of the three stages
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PATCH_SELECTORS.names())
 def test_a_routed_pretraining_step_runs_with_consistency_for_every_selector(tmp_path, pretrain_cfg, name):
     overrides = [

@@ -50,6 +50,7 @@ def test_finetuning_an_unlabelled_folder_is_refused(tmp_path, finetune_cfg):
         run_finetune(cfg, tmp_path / "runs" / "ft", overrides=[])
 
 
+@pytest.mark.slow
 def test_checkpoint_mismatches_are_refused(tmp_path, pretrain_cfg, finetune_cfg):
     run = run_pretrain(pretrain_cfg(["trainer.max_epochs=1", "trainer.knn_every_n_epochs=0"]), tmp_path / "runs" / "pre")
     override = "model.dim=48"
@@ -68,6 +69,7 @@ def test_checkpoint_mismatches_are_refused(tmp_path, pretrain_cfg, finetune_cfg)
         run_finetune(finetune_cfg([f"checkpoint={corrupt}"]), tmp_path / "runs" / "ft4", overrides=[])
 
 
+@pytest.mark.slow
 def test_entry_point_prints_one_sentence_not_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pretrain", "data.name=imagenet", f"hydra.run.dir={tmp_path / 'run'}"],

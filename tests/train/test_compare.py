@@ -11,6 +11,7 @@ from ssroute.train.pretrain import run_pretrain
 QUICK = ["trainer.max_epochs=1", "trainer.knn_every_n_epochs=0"]
 
 
+@pytest.mark.slow
 def test_a_run_matches_itself_and_differs_from_another_seed(tmp_path, pretrain_cfg):
     a = run_pretrain(pretrain_cfg(QUICK), tmp_path / "runs" / "a")
     b = run_pretrain(pretrain_cfg([*QUICK, "seed=1"]), tmp_path / "runs" / "b")

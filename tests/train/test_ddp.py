@@ -1,6 +1,8 @@
 """DDP with 2 CPU processes (gloo) on digits runs to completion and gathers metrics across ranks."""
 
 import json
+
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     run = tmp_path / "ddp"
     result = subprocess.run(

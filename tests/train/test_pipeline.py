@@ -18,6 +18,7 @@ def backbone_state(run_dir):
     return {k: v for k, v in state.items() if k.startswith(("backbone.", "objectives."))}
 
 
+@pytest.mark.slow
 def test_pretrain_then_finetune_writes_run_folders(tmp_path, pretrain_cfg, finetune_cfg):
     run = run_pretrain(pretrain_cfg(), tmp_path / "runs" / "pre")
     metrics = json.loads((run / "metrics.json").read_text())
@@ -35,6 +36,7 @@ def test_pretrain_then_finetune_writes_run_folders(tmp_path, pretrain_cfg, finet
         assert ft["test_top1"] > 0.12  # above chance (0.1): the head learned from the labels (40 steps)
 
 
+@pytest.mark.slow
 def test_routed_backbone_pretrains_and_finetunes_with_its_router_from_the_checkpoint(tmp_path, pretrain_cfg, finetune_cfg):
     run = run_pretrain(
         pretrain_cfg(["model.moe_layers=[1]", "model.num_experts=4", "router=expert_choice", "trainer.max_epochs=1"]),
@@ -53,6 +55,7 @@ def test_routed_backbone_pretrains_and_finetunes_with_its_router_from_the_checkp
     assert "name: expert_choice" in saved and "moe_layers:\n  - 1" in saved
 
 
+@pytest.mark.slow
 def test_consistency_weight_zero_turns_the_loss_off(tmp_path, pretrain_cfg):
     run = run_pretrain(
         pretrain_cfg(["model.moe_layers=[1]", "model.num_experts=4", "consistency.weight=0", "trainer.max_epochs=1"]),
@@ -63,6 +66,7 @@ def test_consistency_weight_zero_turns_the_loss_off(tmp_path, pretrain_cfg):
     assert "routing_agreement" in json.loads((run / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_k_schedule_sets_k_each_step_and_bad_schedules_are_refused(tmp_path, pretrain_cfg):
     run = run_pretrain(
         pretrain_cfg(["model.moe_layers=[1]", "model.num_experts=4", "+k_schedule={name: linear, start: 3, end: 1, steps: 10}",
@@ -79,6 +83,7 @@ def test_k_schedule_sets_k_each_step_and_bad_schedules_are_refused(tmp_path, pre
         run_pretrain(pretrain_cfg(["model.moe_layers=[1]", "router=expert_choice", "+k_schedule={name: constant, k: 1}"]), tmp_path / "runs" / "bad2")
 
 
+@pytest.mark.slow
 def test_linear_mode_leaves_the_backbone_untouched(tmp_path, pretrain_cfg, finetune_cfg):
     run = run_pretrain(pretrain_cfg(["trainer.max_epochs=1", "trainer.knn_every_n_epochs=0"]), tmp_path / "runs" / "pre")
     out = run_finetune(finetune_cfg([f"checkpoint={run}", "mode=linear"]), tmp_path / "runs" / "ft", overrides=[])
@@ -95,6 +100,7 @@ def test_linear_mode_leaves_the_backbone_untouched(tmp_path, pretrain_cfg, finet
         (["model.stack=[ssl,route,ssl]", "schedule=layerwise", "trainer.max_epochs=3"], 14),  # killed inside stage 1
     ],
 )
+@pytest.mark.slow
 def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, pretrain_cfg, monkeypatch, overrides, kill_step):
     straight = run_pretrain(pretrain_cfg(overrides), tmp_path / "a" / "run")
 
@@ -120,6 +126,7 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, pretrain_cf
     assert (ma["knn_top1"], ma["linear_top1"], ma["steps"]) == (mb["knn_top1"], mb["linear_top1"], mb["steps"])
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, pretrain_cfg, monkeypatch):
     original = SimCLR.forward
     calls = {"n": 0}

@@ -13,6 +13,7 @@ from ssroute.train.schedule import SchedulePlan
 STACK = ["model.stack=[ssl,route,ssl]", "model.num_experts=4", "trainer.max_epochs=3"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule,epochs", [("end_to_end", 3), ("layerwise", 3), ("layerwise_then_joint", 4)])
 def test_each_schedule_runs_end_to_end(tmp_path, pretrain_cfg, schedule, epochs):
     run = run_pretrain(pretrain_cfg([*STACK, f"schedule={schedule}"]), tmp_path / "runs" / schedule)
@@ -23,6 +24,7 @@ def test_each_schedule_runs_end_to_end(tmp_path, pretrain_cfg, schedule, epochs)
     assert "depth: 3" in saved and "moe_layers:\n  - 1" in saved
 
 
+@pytest.mark.slow
 def test_layerwise_freezing_keeps_earlier_stages_bit_identical(tmp_path, pretrain_cfg, monkeypatch):
     snapshots = {}
 
@@ -44,6 +46,11 @@ def test_layerwise_freezing_keeps_earlier_stages_bit_identical(tmp_path, pretrai
     assert same("blocks.1.", snapshots[1])  # the routed stage frozen after epoch 1, codebook included
     assert not same("blocks.2.", snapshots[1])  # the last stage kept learning
     assert not same("blocks.1.", snapshots[0])  # ... and the routed stage did learn in its own phase
+    # the final LayerNorm belongs to the last stage: untouched (at its init) through stages 0 and 1, trained in stage 2
+    for epoch in (0, 1):
+        assert torch.equal(snapshots[epoch]["norm.weight"], torch.ones_like(final["norm.weight"]))
+        assert torch.equal(snapshots[epoch]["norm.bias"], torch.zeros_like(final["norm.bias"]))
+    assert not torch.equal(final["norm.weight"], snapshots[1]["norm.weight"])
 
 
 def test_schedule_plans_and_bad_values():
@@ -53,6 +60,7 @@ def test_schedule_plans_and_bad_values():
         SchedulePlan("blockwise", 2, 1)
 
 
+@pytest.mark.slow
 def test_bad_stacks_are_refused(tmp_path, pretrain_cfg):
     with pytest.raises(ConfigError, match=r"unknown block kinds \['moe'\]"):
         run_pretrain(pretrain_cfg(["model.stack=[ssl,moe]"]), tmp_path / "a")

@@ -56,6 +56,7 @@ def test_image_routers_take_the_image_level_consistency_loss() -> None:
     assert torch.allclose(got, image_level) and not torch.allclose(image_level, token_level, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_pretraining_clusters_images_and_finetuning_clusters_classes(tmp_path, pretrain_cfg) -> None:
     stack = ["model.stack=[ssl,route]", "schedule=layerwise", "router=image", "model.num_experts=3", "superclass.weight=1"]
     run = run_pretrain(pretrain_cfg([*stack, *SUBSET]), tmp_path / "pre")
@@ -79,6 +80,7 @@ def test_pretraining_clusters_images_and_finetuning_clusters_classes(tmp_path, p
     assert "loss/superclass" in (out / "logs" / "metrics.csv").read_text().splitlines()[0]
 
 
+@pytest.mark.slow
 def test_superclass_needs_an_image_router_and_trained_features(tmp_path, pretrain_cfg) -> None:
     with pytest.raises(ConfigError, match="needs an image-routed MoE layer"):
         run_pretrain(pretrain_cfg(["model.moe_layers=[1]", "superclass.weight=1", *SUBSET]), tmp_path / "pre")

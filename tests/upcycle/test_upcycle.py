@@ -72,6 +72,7 @@ def test_trained_selection_captures_more_activation_mass_than_random() -> None:
     assert trained > random + 0.1 and fit["mass_captured_at_k"] > random + 0.1
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_finetune_accepts_it(tmp_path, finetune_cfg) -> None:
     from ssroute.checkpoint import load_pretrained
     from ssroute.train.finetune import run_finetune
