@@ -1,11 +1,11 @@
 """DDP with 2 CPU processes (gloo) on digits runs to completion and gathers metrics across ranks."""
 
 import json
-
-import pytest
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
