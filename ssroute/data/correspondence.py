@@ -156,3 +156,18 @@ def view_matches(
         return found
 
     return match(0, 1), match(1, 0)
+
+
+def matches_of(views, patches, patch_embed) -> tuple[Correspondence, Correspondence]:
+    """Partners between two views from the patches their forwards took (``ForwardAux.patches``: grid or
+    selected centres, and the mask of a halting selector), the views' matrices and content masks."""
+    first, second = patches[0], patches[1]
+    return view_matches(
+        (views.matrices[0], views.matrices[1]),
+        (first.centres, second.centres),
+        patch_embed.image_size,
+        patch_embed.patch_size,
+        grid=patch_embed.selector is None,
+        masks=(first.mask, second.mask),
+        content=(views.content[0], views.content[1]),
+    )

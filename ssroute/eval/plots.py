@@ -32,11 +32,12 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from ssroute.config import AugmentConfig
+from ssroute.data.correspondence import matches_of
 from ssroute.data.views import ViewAugment
 from ssroute.eval.analytics import RoutingAnalytics
 from ssroute.eval.features import evaluating
 from ssroute.eval.fluctuation import top1_experts
-from ssroute.eval.stability import StabilityResult, as_augment_config, matches_of, normalisation_of
+from ssroute.eval.stability import StabilityResult, as_augment_config, normalisation_of
 from ssroute.moe import moe_layers
 
 
@@ -119,7 +120,7 @@ def plot_view_links(
     embed = backbone.patch_embed
     routes1, centres1, aux1 = _route(backbone, views.images[0])
     routes2, centres2, aux2 = _route(backbone, views.images[1])
-    match, _ = matches_of(views, (aux1, aux2), embed)
+    match, _ = matches_of(views, (aux1.patches, aux2.patches), embed)
     block = next(iter(routes1))
     first, second = _tokens(routes1[block], embed.num_tokens), _tokens(routes2[block], embed.num_tokens)
     num_experts = next(iter(moe_layers(backbone).values())).num_experts

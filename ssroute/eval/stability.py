@@ -42,8 +42,8 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from ssroute.config import AugmentConfig
-from ssroute.data.correspondence import Correspondence, view_matches
-from ssroute.data.views import ViewAugment, Views
+from ssroute.data.correspondence import matches_of
+from ssroute.data.views import ViewAugment
 from ssroute.errors import ConfigError
 from ssroute.eval.agreement import RoutingAgreementMeter
 from ssroute.eval.features import evaluating
@@ -128,20 +128,6 @@ def normalisation_of(
     return tuple((-zero * std).tolist()), tuple(std.tolist())
 
 
-def matches_of(views: Views, auxes: tuple[ForwardAux, ForwardAux], patch_embed) -> tuple[Correspondence, Correspondence]:
-    """Patch partners between two views from their forwards' patches (grid or selected), matrices and content masks."""
-    patches = [aux.patches for aux in auxes]
-    return view_matches(
-        (views.matrices[0], views.matrices[1]),
-        (patches[0].centres, patches[1].centres),
-        patch_embed.image_size,
-        patch_embed.patch_size,
-        grid=patch_embed.selector is None,
-        masks=(patches[0].mask, patches[1].mask),
-        content=(views.content[0], views.content[1]),
-    )
-
-
 def split_views(aux: ForwardAux, batch: int) -> tuple[ForwardAux, ForwardAux]:
     """The auxes of the two halves of a forward over ``torch.cat([view1, view2])`` (``batch`` images each)."""
     halves = []
@@ -164,7 +150,7 @@ def measure(backbone: nn.Module, augment: ViewAugment, images_uint8: Tensor, pai
             views = augment(chunk, num_views=2)
             _, aux = backbone(torch.cat(views.images), end=end)  # both views in one forward: routing groups are per image
             auxes = split_views(aux, chunk.shape[0])
-            match, _ = matches_of(views, auxes, backbone.patch_embed)
+            match, _ = matches_of(views, [a.patches for a in auxes], backbone.patch_embed)
             for block in aux.routings:
                 meter.update(block, auxes[0].routings[block], auxes[1].routings[block], match.partner, match.valid)
     return meter

@@ -26,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from ssroute.data import DataBundle
+from ssroute.data.correspondence import matches_of
 from ssroute.data.loader import ResumableLoader
 from ssroute.data.views import ViewAugment
 from ssroute.errors import ConfigError
-from ssroute.eval.stability import matches_of
 from ssroute.models import build_backbone
 from ssroute.moe import moe_layers
 from ssroute.objectives import build_objective
@@ -150,8 +150,9 @@ class PretrainModule(ResumableModule):
         losses = {"ssl": phase.objective(features, views.images, phase.encoder)}
         losses.update(mean_over_views([aux.losses for aux in auxes]))  # router balance, ponder costs
         if self.consistent_blocks:
+            matches = matches_of(views, [a.patches for a in auxes], self.backbone.patch_embed)  # corresponding patches of views 1 and 2
             blocks = [b for b in self.consistent_blocks if b >= phase.first_block]
-            consistency = consistency_over_blocks((auxes[0].routings, auxes[1].routings), matches_of(views, auxes[:2], self.backbone.patch_embed), blocks, self.cfg.consistency)
+            consistency = consistency_over_blocks((auxes[0].routings, auxes[1].routings), matches, blocks, self.cfg.consistency)
             if consistency is not None:
                 losses["consistency"] = self.cfg.consistency.weight * consistency
         if self.superclass is not None:

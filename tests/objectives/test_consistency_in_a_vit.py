@@ -4,9 +4,9 @@ import torch
 from omegaconf import OmegaConf
 
 from ssroute.config import AugmentConfig, ConsistencyConfig, PretrainConfig
+from ssroute.data.correspondence import matches_of
 from ssroute.data.views import ViewAugment
 from ssroute.eval.agreement import RoutingAgreementMeter
-from ssroute.eval.stability import matches_of
 from ssroute.models import build_backbone
 from ssroute.objectives.routing_consistency import consistency_over_blocks
 
@@ -33,7 +33,7 @@ def test_minimising_the_consistency_loss_raises_agreement_of_corresponding_patch
     images = torch.randint(0, 255, (32, 1, 16, 16), dtype=torch.uint8)
     views = augment(images, num_views=2)
     auxes = [vit(view)[1] for view in views.images]
-    matches = matches_of(views, auxes, vit.patch_embed)
+    matches = matches_of(views, [a.patches for a in auxes], vit.patch_embed)
     assert matches[0].valid.float().mean() > 0.3
     before = agreement(vit, views, matches)
     optimizer = torch.optim.Adam(vit.parameters(), lr=3e-3)
