@@ -33,11 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ssroute.routing.base import Router, Routing, check_k, register_router, sparse_routing
+from ssroute.routing.base import Routing, register_router, sparse_routing
 from ssroute.routing.losses import balance_losses
-from ssroute.routing.token_choice import check_normalize, noisy_top_k
+from ssroute.routing.token_choice import NoisyTopKRouter, noisy_top_k
 
 
 @dataclass
@@ -55,7 +55,7 @@ class ImageRouting(Routing):
 
 
 @register_router("image")
-class ImageRouter(Router):
+class ImageRouter(NoisyTopKRouter):
     """Top-k experts per image from the mean of its tokens (Mobile V-MoE).
 
     Args:
@@ -83,22 +83,7 @@ class ImageRouter(Router):
         z_loss_weight: float = 0.0,
         normalize_weights: bool = False,
     ) -> None:
-        super().__init__(dim, num_experts)
-        self.k = check_k(self.name, k, num_experts)
-        self.noise_std = 1.0 / num_experts if noise_std is None else float(noise_std)
-        self.importance_weight = importance_weight
-        self.load_weight = load_weight
-        self.z_loss_weight = z_loss_weight
-        self.normalize_weights = normalize_weights
-        check_normalize(self.name, self.k, normalize_weights)
-        self.gate = nn.Linear(dim, num_experts, bias=False)
-
-    def set_k(self, k: int) -> None:
-        check_normalize(self.name, k, self.normalize_weights)
-        self.k = check_k(self.name, k, self.num_experts)
-
-    def experts_per_token(self, tokens_per_group: int) -> float:
-        return float(self.k)
+        super().__init__(dim, num_experts, k, noise_std, importance_weight, load_weight, z_loss_weight, normalize_weights)
 
     def flops_per_token(self, tokens_per_group: int) -> float:
         # the mean pool adds each token once; the gate runs once per image, shared by its tokens

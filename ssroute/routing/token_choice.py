@@ -67,8 +67,50 @@ def noisy_top_k(logits: Tensor, k: int, noise_std: float, normalize: bool, selec
     return Gating(logits, noisy, probs, chosen, gates, priority)
 
 
+class NoisyTopKRouter(Router):
+    """What token choice and image routing share: a bias-free linear gate, noisy top-k gating
+    (:func:`noisy_top_k`), k, and the weights of the balance and z losses.
+
+    Args:
+        dim: token width.
+        num_experts: number of experts ``E``.
+        k: experts per row (token or image), settable later with :meth:`set_k`.
+        noise_std: std of Gaussian noise on the logits in training; None = ``1 / E`` (V-MoE), 0 = off.
+        importance_weight, load_weight, z_loss_weight: weights of the importance, load and z losses.
+        normalize_weights: rescale each row's kept top-k gates to sum to 1 (needs k >= 2).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int = 1,
+        noise_std: float | None = None,
+        importance_weight: float = 0.005,
+        load_weight: float = 0.005,
+        z_loss_weight: float = 0.0,
+        normalize_weights: bool = False,
+    ) -> None:
+        super().__init__(dim, num_experts)
+        self.k = check_k(self.name, k, num_experts)
+        self.noise_std = 1.0 / num_experts if noise_std is None else float(noise_std)
+        self.importance_weight = importance_weight
+        self.load_weight = load_weight
+        self.z_loss_weight = z_loss_weight
+        self.normalize_weights = normalize_weights
+        check_normalize(self.name, self.k, normalize_weights)
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+
+    def set_k(self, k: int) -> None:
+        check_normalize(self.name, k, self.normalize_weights)
+        self.k = check_k(self.name, k, self.num_experts)
+
+    def experts_per_token(self, tokens_per_group: int) -> float:
+        return float(self.k)
+
+
 @register_router("token_choice")
-class TokenChoiceRouter(Router):
+class TokenChoiceRouter(NoisyTopKRouter):
     """Softmax top-k token choice with capacity (V-MoE).
 
     >>> import torch
@@ -109,24 +151,9 @@ class TokenChoiceRouter(Router):
         z_loss_weight: float = 0.0,
         normalize_weights: bool = False,
     ) -> None:
-        super().__init__(dim, num_experts)
-        self.k = check_k(self.name, k, num_experts)
+        super().__init__(dim, num_experts, k, noise_std, importance_weight, load_weight, z_loss_weight, normalize_weights)
         self.capacity_factor = check_capacity_factor(self.name, capacity_factor)
         self.batch_priority = batch_priority
-        self.noise_std = 1.0 / num_experts if noise_std is None else float(noise_std)
-        self.importance_weight = importance_weight
-        self.load_weight = load_weight
-        self.z_loss_weight = z_loss_weight
-        self.normalize_weights = normalize_weights
-        check_normalize(self.name, self.k, normalize_weights)
-        self.gate = nn.Linear(dim, num_experts, bias=False)
-
-    def set_k(self, k: int) -> None:
-        check_normalize(self.name, k, self.normalize_weights)
-        self.k = check_k(self.name, k, self.num_experts)
-
-    def experts_per_token(self, tokens_per_group: int) -> float:
-        return float(self.k)
 
     def selection_scores(self, logits: Tensor, group_tokens: int) -> Tensor | None:
         """``[tokens, experts]`` scores the top-k is taken on; None = the noisy logits."""
