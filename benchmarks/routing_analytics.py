@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ssroute.checkpoint import load_pretrained, resolve_checkpoint  # noqa: E402
 from ssroute.data import build_data  # noqa: E402
 from ssroute.data.views import ViewAugment  # noqa: E402
 from ssroute.eval.analytics import routing_analytics  # noqa: E402
@@ -30,7 +31,6 @@ from ssroute.eval.plots import write_all_plots  # noqa: E402
 from ssroute.eval.probes import block_probes, stacked_features  # noqa: E402
 from ssroute.eval.stability import FAMILIES, augmentation_stability  # noqa: E402
 from ssroute.models import build_backbone  # noqa: E402
-from ssroute.train.finetune import load_pretrained, resolve_checkpoint  # noqa: E402
 from ssroute.train.run import write_json_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -30,10 +30,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ssroute.checkpoint import load_pretrained, resolve_checkpoint  # noqa: E402
 from ssroute.data import build_data  # noqa: E402
 from ssroute.models import build_backbone  # noqa: E402
 from ssroute.moe import MoELayer  # noqa: E402
-from ssroute.train.finetune import load_pretrained, resolve_checkpoint  # noqa: E402
 from ssroute.upcycle.run import _normalized, backbone_config, upcycle_checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,7 +45,16 @@ def _classifier(config: dict, state: dict, data) -> nn.Module:
     backbone.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
     head = nn.Sequential(nn.BatchNorm1d(backbone.dim, affine=False), nn.Linear(backbone.dim, data.num_classes))
     head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
-    return nn.Sequential(backbone, head).eval()
+    return _Classifier(backbone, head).eval()
+
+
+class _Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images)[0])
 
 
 @torch.no_grad()
@@ -86,7 +95,7 @@ def run_checkpoint(name: str, path: str, args) -> tuple[dict, dict]:
         "checkpoint": str(file),
         "data": data.name,
         "activation": config["model"]["activation"],
-        "per_block": _sparsity(dense[0], images),
+        "per_block": _sparsity(dense.backbone, images),
     }
     for selection in ("mlp", "random"):
         start = time.perf_counter()
