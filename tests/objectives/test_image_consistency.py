@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssroute.objectives.routing_consistency import image_routing_consistency_loss, routing_consistency_loss
+from ssroute.objectives.routing_consistency import image_routing_consistency_loss
 
 B, E = 8, 4
 
@@ -35,12 +35,20 @@ def test_balance_penalises_sending_every_image_to_one_expert(balance: str) -> No
     assert float(image_routing_consistency_loss(all_to_one, all_to_one, balance="none")) < 0.2
 
 
-def test_equals_the_token_loss_with_one_token_per_image_partnered_with_itself() -> None:
+def test_equals_a_hand_computed_swapped_prediction_to_balanced_targets() -> None:
     g = torch.Generator().manual_seed(0)
     p1, p2 = torch.softmax(torch.randn(B, E, generator=g), -1), torch.softmax(torch.randn(B, E, generator=g), -1)
-    itself, valid = torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1, dtype=torch.bool)
-    token_level = routing_consistency_loss(p1[:, None], p2[:, None], itself, valid, itself, valid, temperature=0.2)
-    assert torch.allclose(image_routing_consistency_loss(p1, p2, temperature=0.2), token_level)
+    # balanced targets by hand: sharpened distributions, rows and columns scaled in turn (linear domain, float64)
+    # until every expert takes B / E of the images, as SwAV's equipartition asks
+    def balanced(p: torch.Tensor) -> torch.Tensor:
+        q = p.double() ** (1 / 0.2)
+        for _ in range(2000):
+            q = q / q.sum(0, keepdim=True) * (B / E)
+            q = q / q.sum(1, keepdim=True)
+        return q.float()
+
+    expected = 0.5 * (-(balanced(p2) * p1.log()).sum(-1).mean() - (balanced(p1) * p2.log()).sum(-1).mean())
+    assert torch.allclose(image_routing_consistency_loss(p1, p2, temperature=0.2), expected, atol=1e-4)
     # hand-computed with balance=none: mean over images and both directions of -sum(sharpen(partner) * log(own))
     sharpen = lambda p: torch.softmax(torch.log(p) / 0.2, -1)  # noqa: E731
     by_hand = 0.5 * (-(sharpen(p2) * p1.log()).sum(-1).mean() - (sharpen(p1) * p2.log()).sum(-1).mean())

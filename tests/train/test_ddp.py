@@ -24,5 +24,5 @@ def test_ddp_two_cpu_processes(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     # 1437 images, 2 ranks x 64 per step -> 11 steps per epoch, and every image counted once
     assert metrics["steps"] == 22
-    assert 0.0 < metrics["knn_top1"] <= 1.0 and "linear_top1" in metrics
+    assert metrics["knn_top1"] > 0.15 and "linear_top1" in metrics  # above chance (0.1): both ranks' features were gathered
     assert f"run folder: {run}" in result.stdout and "result: linear_top1" in result.stdout
