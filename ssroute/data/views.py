@@ -26,6 +26,13 @@ import torch
 from torch import nn
 
 
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (or [0, 1] float) images ``[B, C, H, W]`` -> ``(x - mean) / std`` with per-channel ``mean``/``std``
+    broadcastable to ``[1, C, 1, 1]``: the one normalisation of model inputs."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+    return (x - mean) / std
+
+
 @dataclass
 class Views:
     images: list[torch.Tensor]  # num_views x [batch, channels, height, width], normalised
@@ -70,13 +77,11 @@ class ViewAugment(nn.Module):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or [0,1] float images -> normalised float images (no augmentation)."""
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        return (images - self.mean) / self.std
+        return normalize(images, self.mean, self.std)
 
     def view(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One augmented view, its ``[batch, 3, 3]`` original->view pixel matrix and its ``[batch, 1, H, W]`` content mask."""
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images  # augment in [0, 1], normalise last
         channels = x.shape[1]
         warped = self.geometric(torch.cat([x, torch.ones_like(x[:, :1])], dim=1))  # one warp for the view and its mask
         x, content = warped[:, :channels], warped[:, channels:]
@@ -84,7 +89,7 @@ class ViewAugment(nn.Module):
         x = self.photometric(x).clamp(0.0, 1.0)
         if self.noise > 0:
             x = x + self.noise * torch.randn_like(x)
-        return (x - self.mean) / self.std, matrix, content
+        return normalize(x, self.mean, self.std), matrix, content
 
     def forward(self, images: torch.Tensor, num_views: int = 2) -> Views:
         made = [self.view(images) for _ in range(num_views)]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ssroute.checkpoint import load_pretrained, resolve_checkpoint
 from ssroute.data import build_data
+from ssroute.data.views import normalize
 from ssroute.errors import ConfigError
 from ssroute.io import save_atomic
 from ssroute.models import build_backbone
@@ -33,9 +34,8 @@ def backbone_config(config: dict):
 
 
 def _normalized(images: Tensor, data) -> Tensor:
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    """The dataset's images as the model sees them (``ssroute.data.views.normalize`` with its statistics)."""
+    return normalize(images, torch.tensor(data.mean).view(1, -1, 1, 1), torch.tensor(data.std).view(1, -1, 1, 1))
 
 
 @torch.no_grad()
