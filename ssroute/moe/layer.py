@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ssroute.errors import ConfigError
 from ssroute.experts import EXPERTS, ExpertBank, ExpertContext, build_experts
 from ssroute.registry import option_names
-from ssroute.routing import ROUTERS, Router, Routing, build_router
+from ssroute.routing import COMMON_OPTIONS, ROUTERS, Router, Routing, build_router
 
 
 class MoELayer(nn.Module):
@@ -183,7 +183,7 @@ def build_moe(
     passed in ``router_options`` / ``expert_options``.
     """
     router_cls, expert_cls = ROUTERS.get(router), EXPERTS.get(experts)
-    router_keys = set(option_names(router_cls, ("dim", "num_experts")))
+    router_keys = set(option_names(router_cls, ("dim", "num_experts"))) | set(COMMON_OPTIONS)
     expert_keys = set(option_names(expert_cls, ("dim", "hidden", "num_experts")))
     router_opts, expert_opts = dict(router_options or {}), dict(expert_options or {})
     for key, value in options.items():
