@@ -12,7 +12,8 @@ both call :func:`evaluate_backbone`. Protocols (:data:`PROTOCOLS`):
 - routing, on up to ``max_routing_images`` held-out images of an MoE model:
   agreement of corresponding patches under the run's augmentation on the
   executed experts (``agreement``), the same by augmentation family and over
-  strength (``stability``), analytics (``analytics``), and whether routing
+  strength (``stability``), analytics (``analytics``, with how alike the experts'
+  outputs are: ``ssroute.eval.expert_similarity``), and whether routing
   follows content or position (``position``);
 - ``depth`` (routing over depth): the layer-order matrix and identity use;
 - ``plots`` (``ssroute.eval.plots``); with an output folder, always ``report.md``.
@@ -162,6 +163,9 @@ def evaluate_backbone(
 
         analytics = routing_analytics(backbone, augment.normalize(images), labels.to(device) if data.labeled else None, data.num_classes)
         metrics.update(analytics.metrics)
+        from ssroute.eval.expert_similarity import expert_similarity
+
+        metrics.update(expert_similarity(backbone, augment.normalize(images)))
     if "position" in chosen:
         from ssroute.eval.position import position_metrics
 
