@@ -7,7 +7,8 @@ the default recipe (``python -m pretrain``, the routed block's router with
 on the held-out split:
 
 - ``as trained``: the router keeps sending a share ``p`` of tokens to random
-  experts at evaluation too (what ``router=random`` does at ``p = 1``);
+  experts at evaluation too (what ``router=random`` does at ``p = 1``); kNN,
+  linear, agreement and usage are the run's own end-of-run values;
 - ``learned only``: the same weights with ``random_fraction=0`` at evaluation,
   so only what training did to the model differs.
 
@@ -59,9 +60,20 @@ def pretrain(run: Path, fraction: float, seed: int, args: argparse.Namespace) ->
     if (run / "metrics.json").is_file():
         return
     command = [
-        sys.executable, "-m", "pretrain", f"data={args.data}", f"trainer.max_epochs={args.epochs}", f"router.random_fraction={fraction}",
-        f"seed={seed}", "evaluate=false", "trainer.progress_bar=false", f"hydra.run.dir={run}", *args.override,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pretrain",
+        f"data={args.data}",
+        f"trainer.max_epochs={args.epochs}",
+        f"router.random_fraction={fraction}",
+        f"seed={seed}",
+        "evaluate=false",
+        "trainer.progress_bar=false",
+        "trainer.knn_every_n_epochs=0",
+        "trainer.fluctuation_every_n_steps=0",
+        f"hydra.run.dir={run}",
+        *args.override,
+    ]  # fmt: skip  (measuring during training is off: it never changes the run)
     if args.subset:
         command.append(f"data.train_subset={args.subset}")
     print(" ".join(command[1:]), flush=True)
@@ -76,8 +88,9 @@ def block_mean(metrics: dict, name: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def evaluate(run: Path, max_images: int) -> dict[str, dict[str, float | None]]:
-    """``{"as_trained": {...}, "learned_only": {...}}`` for one run."""
+def evaluate(run: Path, max_images: int, fraction: float) -> dict[str, dict[str, float | None]]:
+    """``{"as_trained": {...}, "learned_only": {...}}`` for one run. As trained, kNN, linear, agreement and usage are the
+    run's own end-of-run values (measured with its random share on); the analytics are measured here."""
     import torch
     from omegaconf import OmegaConf
 
@@ -93,15 +106,16 @@ def evaluate(run: Path, max_images: int) -> dict[str, dict[str, float | None]]:
     data = build_data(data_cfg, config.get("seed", 0))
     backbone, _, _ = load_backbone(str(file), data)
     cfg = OmegaConf.structured(EvaluateConfig(max_routing_images=max_images))
-    out = {}
-    for setting, fraction in (("as_trained", None), ("learned_only", 0.0)):
-        if fraction is not None:
-            for layer in moe_layers(backbone).values():
-                layer.router.set_random_fraction(fraction)
-        torch.manual_seed(0)  # the random share's draws at evaluation
-        metrics = evaluate_backbone(backbone, data, data_cfg.augment, cfg, protocols=PROTOCOLS).metrics
-        out[setting] = {key: block_mean(metrics, key) for key, _ in COLUMNS}
-    return out
+    own = json.loads((run / "metrics.json").read_text())
+    torch.manual_seed(0)  # the random share's draws at evaluation
+    metrics = {**own, **evaluate_backbone(backbone, data, data_cfg.augment, cfg, protocols=["analytics"]).metrics}
+    out = {"as_trained": {key: block_mean(metrics, key) for key, _ in COLUMNS}}
+    if fraction == 0:  # nothing random to switch off
+        return {**out, "learned_only": dict(out["as_trained"])}
+    for layer in moe_layers(backbone).values():
+        layer.router.set_random_fraction(0.0)
+    metrics = evaluate_backbone(backbone, data, data_cfg.augment, cfg, protocols=PROTOCOLS).metrics
+    return {**out, "learned_only": {key: block_mean(metrics, key) for key, _ in COLUMNS}}
 
 
 def summarise(values: list[float | None]) -> dict[str, float | None]:
@@ -144,7 +158,7 @@ def main() -> None:
     parser.add_argument("--data", default="fashion_mnist")
     parser.add_argument("--subset", type=int, default=10000, help="data.train_subset (0 = every training image)")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--max-images", type=int, default=2000, help="held-out images of the routing measurements")
+    parser.add_argument("--max-images", type=int, default=1000, help="held-out images of the routing measurements")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "random_fraction")
     parser.add_argument("--override", nargs="*", default=[], help="extra pretraining overrides, e.g. router=expert_choice")
     parser.add_argument("--quick", action="store_true", help="digits, 1 epoch, p in {0, 1}, seed 0")
@@ -160,7 +174,7 @@ def main() -> None:
             run = args.runs / f"p{fraction}_seed{seed}"
             pretrain(run, fraction, seed, args)
             run_metrics = json.loads((run / "metrics.json").read_text())
-            per_run[(fraction, seed)] = {**evaluate(run, args.max_images), "train_time_s": run_metrics.get("train_time_s")}
+            per_run[(fraction, seed)] = {**evaluate(run, args.max_images, fraction), "train_time_s": run_metrics.get("train_time_s")}
             print(f"p={fraction} seed={seed}: {per_run[(fraction, seed)]['as_trained']}", flush=True)
     table = {
         fraction: {

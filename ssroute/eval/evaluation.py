@@ -182,6 +182,10 @@ def evaluate_backbone(
 
         plots = list(write_all_plots(out_dir / "plots", backbone=backbone, images_uint8=images, normalize=augment.normalize,
                                      augment=augment, analytics=analytics, stability=stability, probes=probes))  # fmt: skip
+        if depth_routed:
+            from ssroute.eval.depth_plots import write_depth_plots
+
+            plots += write_depth_plots(out_dir / "plots", backbone, augment.normalize(images), images)
     metrics["eval_time_s"] = round(time.perf_counter() - start, 2)
     if out_dir is not None:
         write_json_atomic(out_dir / "metrics.json", metrics)
@@ -218,13 +222,10 @@ def labelled_protocols(cfg, protocols: list[str], backbone: nn.Module, augment: 
 
 
 def depth_metrics(backbone: nn.Module, images: torch.Tensor, batch_size: int = 512) -> dict[str, float]:
-    """``depth/*`` statistics of routing over depth on ``images`` (normalised), with the layer-order matrix."""
-    from ssroute.models.depth_stats import DepthStats
+    """``depth/*`` statistics of routing over depth on ``images`` (normalised): the layer-order and co-selection
+    matrices, identity use and the parameter counts against the dense ViT of the same depth."""
+    from ssroute.eval.depth_plots import depth_stats_of
+    from ssroute.models.depth_stats import depth_parameters
 
-    stack = backbone.stack
-    stats = DepthStats(stack.max_steps, stack.num_choices, stack.num_blocks)
-    with evaluating(backbone):
-        for chunk in images.split(batch_size):
-            trace = backbone(chunk)[1].depth
-            stats.add(trace.picks, trace.halted_at, trace.ponder)
-    return stats.summary(stack.names, order=True)
+    stats, _ = depth_stats_of(backbone, images, batch_size)
+    return {**stats.summary(backbone.stack.names, order=True), **depth_parameters(backbone.stack)}

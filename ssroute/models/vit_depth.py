@@ -105,4 +105,8 @@ def build_depth_routed_vit(cfg, image_size: int, channels: int, selector: PatchS
         stop_on_identity=depth.stop_on_identity,
         sample=depth.sample,
         order_prior=depth.order_prior,
+        per_token=depth.get("per_token", False),
+        kind=depth.get("kind", "linear"),
+        step_input=depth.get("step_input", "embedding"),
+        router_hidden=depth.get("router_hidden"),
     )
