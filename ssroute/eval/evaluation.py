@@ -145,6 +145,7 @@ def evaluate_backbone(
         "data": data.name,
         "num_train": len(data.probe_train),
         "num_test": len(data.test) if data.test is not None else 0,
+        "held_out": data.held_out,  # test, or val (data.val_fraction): which split the probes and routing metrics scored
     }
     probes: dict[str, float] = {}
     if any(p in LABELLED for p in chosen):
