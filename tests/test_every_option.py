@@ -42,6 +42,9 @@ CASES = (
              "consistency.teacher_momentum=0.99", "router.cosine_scale=10", "model.router_context=0.5", "model.group_images=2"],
         ),  # fmt: skip
         ("consistency.loss=mutual_information", ["consistency.loss=mutual_information", *ROUTED]),
+        ("router.random_fraction=0.5", ["router.random_fraction=0.5", *ROUTED]),
+        ("vit_depth per token, gru router", ["model=vit_depth", "model.dim=32", "model.heads=2", "model.depth_router.per_token=true",
+                                             "model.depth_router.kind=gru", "model.depth_router.step_input=scalar"]),
     ]
 )
 

@@ -205,7 +205,8 @@ class Router(nn.Module):
         if self.random_fraction > 0:
             nominal = self.experts_per_token(routing.tokens_per_group)
             k = int(nominal) if nominal is not None and nominal == int(nominal) and nominal >= 1 else 1
-            routing = with_random_share(routing, self.random_fraction, min(k, self.num_experts), per_token=self.per_token)
+            fixed = None if self.training else torch.Generator().manual_seed(0)  # evaluation: the same share on every call
+            routing = with_random_share(routing, self.random_fraction, min(k, self.num_experts), per_token=self.per_token, generator=fixed)
         return routing
 
     def set_random_fraction(self, fraction: float) -> None:

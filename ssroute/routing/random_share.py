@@ -11,7 +11,10 @@ combine weight ``1 / k``: exactly the random router's assignment and weights
 (:func:`random_experts`, the same seeded draw), so ``p = 1`` executes what
 ``router=random`` executes. ``k`` is the router's nominal experts per token
 (its ``k``; 1 for routers whose k depends on the data or is fractional, such
-as expert choice and dynamic k).
+as expert choice and dynamic k). In eval mode the share is drawn from a
+generator seeded on every call, as the random router's experts are: an
+evaluation routes the same inputs the same way every time, so the end of a run
+and ``python -m ssroute.evaluate`` measure the same model.
 
 What is kept: ``probs`` stays the learned distribution (so balance losses and
 the routing-consistency loss still train the router on every token), and a
@@ -50,15 +53,22 @@ def random_experts(rows: int, num_experts: int, k: int, seed: int = 0, device: t
     return torch.rand(rows, num_experts, generator=generator).topk(k, dim=-1).indices.to(device)
 
 
-def with_random_share(routing: Routing, fraction: float, k: int, seed: int = 0, per_token: bool = True) -> Routing:
+def with_random_share(
+    routing: Routing, fraction: float, k: int, seed: int = 0, per_token: bool = True, generator: torch.Generator | None = None
+) -> Routing:
     """``routing`` with a Bernoulli(``fraction``) share of its tokens (of its groups when not ``per_token``) re-routed
-    to ``k`` random experts of weight ``1 / k``; the same object when ``fraction`` is 0."""
+    to ``k`` random experts of weight ``1 / k``; the same object when ``fraction`` is 0. The share is drawn from
+    ``generator`` (a CPU generator) when given, else from torch's global stream on the routing's device."""
     if fraction <= 0:
         return routing
     device = routing.probs.device
     size = 1 if per_token else routing.tokens_per_group
     units = routing.num_tokens // size
-    chosen_unit = torch.rand(units, device=device) < fraction  # resampled on every call; rand < 1 always holds
+    if generator is not None:
+        draw = torch.rand(units, generator=generator).to(device)
+    else:
+        draw = torch.rand(units, device=device)  # resampled on every call
+    chosen_unit = draw < fraction  # rand < 1 always holds
     chosen = chosen_unit.repeat_interleave(size)  # [tokens]
     keep = (~chosen.index_select(0, routing.token)).nonzero().squeeze(1)
     experts = random_experts(units, routing.num_experts, k, seed, device).repeat_interleave(size, dim=0)  # [tokens, k]

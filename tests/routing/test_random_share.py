@@ -83,6 +83,15 @@ def test_a_share_of_tokens_is_rerouted_and_the_rest_keep_their_assignments() -> 
     assert torch.allclose(moe.execute(x.view(-1, DIM), mixed), dense_reference(moe.experts, x.view(-1, DIM), mixed), atol=1e-5)
 
 
+def test_evaluation_draws_the_same_share_on_every_call_training_a_new_one() -> None:
+    moe = _moe("token_choice", 0.5).eval()
+    x = torch.randn(200, DIM)
+    first, second = moe.router(x, tokens_per_group=20), moe.router(x, tokens_per_group=20)
+    assert torch.equal(first.expert, second.expert) and torch.equal(first.token, second.token)
+    moe.train()
+    assert not torch.equal(moe.router(x, tokens_per_group=20).token, moe.router(x, tokens_per_group=20).token)
+
+
 def test_an_image_router_reroutes_whole_images() -> None:
     moe = _moe("image", 0.5, k=1)
     routing = moe.router(torch.randn(200 * 6, DIM), tokens_per_group=6)
