@@ -153,6 +153,7 @@ class TrainerConfig:
     progress_bar: bool = True  # Lightning's progress bar
     log_every_n_steps: int = 10  # CSV/TensorBoard logging period
     limit_train_batches: Any = None  # Lightning's limit (int batches or float share); None = all
+    threads: int | None = None  # intra-op CPU threads per process; null = OMP_NUM_THREADS, else cores / processes (DDP processes x parallel sweep jobs)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from ssroute.train.callbacks import RoutingFluctuation
 from ssroute.train.pretrain_module import PretrainModule, check_pretrain_config, throughput
 from ssroute.train.run import build_trainer, find_resume_dir, finish_run, quiet_third_party_logs, resumed_config, save_config
 from ssroute.train.schedule import resolve_stack
+from ssroute.train.threads import apply_threads
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
         cfg, run_dir = resumed_config(resume_dir, cfg), resume_dir
         log.info("resuming %s from checkpoints/last.ckpt", run_dir)
     validate_pretrain(cfg)
+    threads = apply_threads(cfg.trainer)
     data = build_data(cfg.data, cfg.seed)
     resolve_data_defaults(cfg, data.image_size)
     resolve_stack(cfg)
@@ -36,13 +38,22 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
     trainer = build_trainer(cfg, run_dir, [])
     if trainer.is_global_zero:
         save_config(cfg, run_dir)
-        log.info("pretraining %s on %s (%d images, %dx%d, %d channel(s)) with patch size %d for %d epochs; run folder %s",
-                 cfg.ssl.name, data.name, len(data.train), data.image_size, data.image_size, data.channels,
-                 cfg.model.patch_size, cfg.trainer.max_epochs, run_dir)
+        log.info(
+            "pretraining %s on %s (%d images, %dx%d, %d channel(s)) with patch size %d for %d epochs; run folder %s",
+            cfg.ssl.name,
+            data.name,
+            len(data.train),
+            data.image_size,
+            data.image_size,
+            data.channels,
+            cfg.model.patch_size,
+            cfg.trainer.max_epochs,
+            run_dir,
+        )
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     trainer.fit(module, ckpt_path=str(ckpt) if resume_dir is not None else None)
     trainer.save_checkpoint(str(ckpt))
-    metrics: dict[str, float] = {"epochs": trainer.current_epoch, "steps": trainer.global_step, **throughput(module)}
+    metrics: dict[str, float] = {"epochs": trainer.current_epoch, "steps": trainer.global_step, **throughput(module), "threads": threads}
     for callback in trainer.callbacks:
         if isinstance(callback, RoutingFluctuation):
             metrics.update(callback.metrics())
