@@ -4,10 +4,11 @@ It routes the flattened tokens per image (``tokens_per_group = tokens``) and
 executes the :class:`~ssroute.routing.Routing`:
 
 - sparse routings sort the (token, expert) pairs by expert, gather the tokens,
-  run each expert once on its contiguous block, weight the outputs and scatter
-  them back with ``index_add`` — no per-token loop and no ``[tokens, experts,
-  capacity]`` one-hot (that is :func:`dense_reference`, the V-MoE dispatch the
-  tests compare against);
+  run each expert once on its contiguous block, weight the outputs and bring
+  them back to their tokens (:mod:`ssroute.moe.dispatch`: a gather when each
+  token has at most one expert, ``index_add`` otherwise) — no per-token loop and
+  no ``[tokens, experts, capacity]`` one-hot (that is :func:`dense_reference`,
+  the V-MoE dispatch the tests compare against);
 - soft routings (Soft MoE, Puigcerver et al. 2023) mix tokens into slots with
   the dispatch weights and slots back into tokens with the combine weights.
 
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from ssroute.errors import ConfigError
 from ssroute.experts import EXPERTS, ExpertBank, ExpertContext, build_experts
+from ssroute.moe.dispatch import combine, dispatch, plan_dispatch
 from ssroute.registry import option_names
 from ssroute.routing import ROUTERS, Router, Routing, build_router
 
@@ -84,15 +86,10 @@ class MoELayer(nn.Module):
         """Apply the experts to ``flat [tokens, dim]`` as ``routing`` says."""
         if routing.is_soft:
             return self._execute_soft(flat, routing)
-        order = torch.argsort(routing.expert, stable=True)
-        token = routing.token.index_select(0, order)
-        sizes = torch.bincount(routing.expert, minlength=self.num_experts).tolist()  # block sizes must be host ints
-        context = ExpertContext(token, routing.tokens_per_group, routing.num_groups)
-        y = self.experts(flat.index_select(0, token), sizes, context)
-        y = y * routing.weight.index_select(0, order).unsqueeze(1).to(y.dtype)
-        # y's dtype, not flat's: under autocast the experts compute in bfloat16. In place:
-        # the out-of-place index_add would copy the zeros once more.
-        return y.new_zeros(flat.shape[0], y.shape[1]).index_add_(0, token, y)
+        plan = plan_dispatch(routing.token, routing.expert, flat.shape[0], self.num_experts)
+        context = ExpertContext(plan.row_token, routing.tokens_per_group, routing.num_groups)
+        y = self.experts(dispatch(flat, plan), plan.sizes, context)
+        return combine(y, routing.weight, plan, flat.shape[0])
 
     def _execute_soft(self, flat: Tensor, routing: Routing) -> Tensor:
         groups, n, experts, slots = routing.dispatch_weights.shape
