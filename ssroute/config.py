@@ -148,7 +148,7 @@ class TrainerConfig:
     strategy: str = "auto"  # auto, ddp, ddp_spawn, ...
     precision: str = "32-true"  # Lightning precision string (bf16-mixed on recent GPUs)
     checkpoint_every_n_steps: int = 100  # write checkpoints/last.ckpt every this many steps (and at the end)
-    knn_every_n_epochs: int = 1  # online kNN accuracy every this many epochs (0 = off)
+    knn_every_n_epochs: int | None = None  # online kNN and agreement every this many epochs; null = max(1, max_epochs // 10), about ten a run; 0 = off
     fluctuation_every_n_steps: int = 25  # MoE models: top-1 routing snapshot of a fixed probe set every this many steps (0 = off); digits has 5 steps per epoch
     progress_bar: bool = True  # Lightning's progress bar
     log_every_n_steps: int = 10  # CSV/TensorBoard logging period
@@ -249,6 +249,7 @@ def validate_common(cfg: Any) -> None:
     _check(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive.")
     _check(cfg.trainer.max_epochs is None or cfg.trainer.max_epochs > 0, f"trainer.max_epochs={cfg.trainer.max_epochs} must be positive.")
     _check(cfg.trainer.checkpoint_every_n_steps > 0, "trainer.checkpoint_every_n_steps must be a positive integer.")
+    _check(cfg.trainer.get("knn_every_n_epochs") is None or cfg.trainer.knn_every_n_epochs >= 0, "trainer.knn_every_n_epochs must be >= 0 (0 turns the online monitor off), or null for about ten measurements a run.")
     _check(cfg.trainer.get("fluctuation_every_n_steps", 0) >= 0, "trainer.fluctuation_every_n_steps must be >= 0 (0 turns routing snapshots off).")
     superclass = cfg.get("superclass")
     _check(superclass is None or superclass.weight >= 0, "superclass.weight must be >= 0 (0 turns super-class routing off).")

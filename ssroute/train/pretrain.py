@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from ssroute.config import resolve_data_defaults, validate_pretrain
 from ssroute.data import build_data
 from ssroute.eval.evaluation import RUN_PROTOCOLS
-from ssroute.train.callbacks import RoutingFluctuation
+from ssroute.train.callbacks import OnlineMonitor, RoutingFluctuation
 from ssroute.train.pretrain_module import PretrainModule, check_pretrain_config, throughput
 from ssroute.train.run import build_trainer, find_resume_dir, finish_run, quiet_third_party_logs, resumed_config, save_config
 from ssroute.train.schedule import resolve_stack
@@ -54,9 +54,12 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
     trainer.fit(module, ckpt_path=str(ckpt) if resume_dir is not None else None)
     trainer.save_checkpoint(str(ckpt))
     metrics: dict[str, float] = {"epochs": trainer.current_epoch, "steps": trainer.global_step, **throughput(module), "threads": threads}
+    metrics["monitor_time_s"] = 0.0  # measuring while training: the online monitor and the routing snapshots
     for callback in trainer.callbacks:
         if isinstance(callback, RoutingFluctuation):
             metrics.update(callback.metrics())
+        if isinstance(callback, (OnlineMonitor, RoutingFluctuation)):
+            metrics["monitor_time_s"] = round(metrics["monitor_time_s"] + callback.time_s, 2)
     finish_run(cfg, run_dir, module, trainer, metrics, run_protocols=RUN_PROTOCOLS)
     return run_dir
 

@@ -40,7 +40,9 @@ def find_resume_dir(resume: Any, runs_root: Path) -> Path | None:
     if resume in (True, "true", "True"):
         candidates = [p.parent.parent for p in runs_root.glob("*/checkpoints/last.ckpt") if not (p.parent.parent / "metrics.json").exists()]
         if not candidates:
-            raise ConfigError(f"resume=true found no unfinished run with checkpoints/last.ckpt under {runs_root}; pass resume=RUN_FOLDER instead.")
+            raise ConfigError(
+                f"resume=true found no unfinished run with checkpoints/last.ckpt under {runs_root}; pass resume=RUN_FOLDER instead."
+            )
         return max(candidates, key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime)
     path = Path(str(resume))
     if not (path / "checkpoints" / "last.ckpt").exists():
@@ -66,12 +68,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], 
     MoE models get :class:`~ssroute.train.callbacks.RoutingFluctuation` (every
     ``trainer.fluctuation_every_n_steps`` steps; 0 = off); with ``monitor`` every
     model gets :class:`~ssroute.train.callbacks.OnlineMonitor` (every
-    ``trainer.knn_every_n_epochs`` epochs; 0 = off).
+    ``trainer.knn_every_n_epochs`` epochs; null = about ten times a run; 0 = off).
     """
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    from ssroute.train.callbacks import OnlineMonitor, RoutingFluctuation
+    from ssroute.train.callbacks import OnlineMonitor, RoutingFluctuation, monitor_every
 
     loggers: list = [CSVLogger(str(run_dir), name="logs", version="")]
     try:
@@ -94,8 +96,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], 
     every = t.get("fluctuation_every_n_steps", 0)  # configs saved before the key existed have none
     if every and cfg.model.moe_layers:
         callbacks = [*callbacks, RoutingFluctuation(every, batch_size=cfg.eval_batch_size, run_dir=run_dir)]
-    if monitor and t.knn_every_n_epochs:
-        callbacks = [*callbacks, OnlineMonitor(t.knn_every_n_epochs, batch_size=cfg.eval_batch_size)]
+    every_epochs = monitor_every(t.knn_every_n_epochs, t.max_epochs)
+    if monitor and every_epochs:
+        callbacks = [*callbacks, OnlineMonitor(every_epochs, batch_size=cfg.eval_batch_size)]
     return pl.Trainer(
         default_root_dir=str(run_dir),
         max_epochs=t.max_epochs,
@@ -117,7 +120,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], 
 
 
 def finish_run(
-    cfg: DictConfig, run_dir: Path, module: pl.LightningModule, trainer: pl.Trainer, metrics: dict[str, Any], run_protocols: tuple[str, ...] = ()
+    cfg: DictConfig,
+    run_dir: Path,
+    module: pl.LightningModule,
+    trainer: pl.Trainer,
+    metrics: dict[str, Any],
+    run_protocols: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The end of a pretraining or fine-tuning run, on rank 0: evaluate the trained backbone, write ``metrics.json``.
 
