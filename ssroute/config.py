@@ -42,7 +42,7 @@ class DataConfig:
     batch_size: int = 256  # images per step per device
     epochs: int = 100  # suggested pretraining budget, used when trainer.max_epochs is null
     finetune_epochs: int = 60  # suggested fine-tuning budget, used when trainer.max_epochs is null
-    num_workers: int = 0  # dataloader worker processes (0 = load in the main process)
+    num_workers: int | None = None  # training dataloader worker processes; null = 0 for data in memory, up to 4 for file-backed data (decoded in the workers)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

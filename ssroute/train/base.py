@@ -37,6 +37,7 @@ class ResumableModule(pl.LightningModule):
         loader = self.trainer.train_dataloader
         if isinstance(loader, ResumableLoader):
             loader.mark_consumed()
+            loader.check_data()
         self._batch_images = batch[0].shape[0] * self.trainer.world_size
         self._clock = time.perf_counter()
 

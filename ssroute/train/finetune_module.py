@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ssroute.data import DataBundle, ImageSet
-from ssroute.data.loader import ResumableLoader
+from ssroute.data.loader import ResumableLoader, loader_workers
 from ssroute.data.views import ViewAugment
 from ssroute.errors import ConfigError
 from ssroute.eval.features import eval_loader, gather_unique
@@ -68,11 +68,18 @@ class FinetuneModule(ResumableModule):
     def train_dataloader(self) -> ResumableLoader:
         batch = min(self.cfg.data.batch_size, len(self.train_set) // self.trainer.world_size)
         return ResumableLoader(
-            self.train_set, batch, self.cfg.seed, self.global_rank, self.trainer.world_size, num_workers=self.cfg.data.num_workers
+            self.train_set,
+            batch,
+            self.cfg.seed,
+            self.global_rank,
+            self.trainer.world_size,
+            num_workers=loader_workers(self.cfg.data.num_workers, self.train_set),
         )
 
     def val_dataloader(self):
-        return eval_loader(self.data.test, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers)
+        return eval_loader(
+            self.data.test, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers or 0
+        )
 
     def features(self, images: torch.Tensor):
         """``(features [batch, dim], ForwardAux)``; a frozen backbone (``mode=linear``) runs in eval mode without autograd."""
@@ -89,7 +96,9 @@ class FinetuneModule(ResumableModule):
     def find_superclasses(self) -> None:
         """Super-class ids of the classes: k-means of class-mean features of the model before fine-tuning (or of
         ``superclass.checkpoint``), numbered to agree most with the image routers' current choices."""
-        loader = eval_loader(self.train_set, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers)
+        loader = eval_loader(
+            self.train_set, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers or 0
+        )
         found = pooled_features(self.backbone, loader, self.augment.normalize, self.device)
         if self.cfg.superclass.checkpoint:
             source = feature_backbone(self.cfg.superclass.checkpoint, self.data).to(self.device)

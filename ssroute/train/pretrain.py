@@ -54,6 +54,10 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
     trainer.fit(module, ckpt_path=str(ckpt) if resume_dir is not None else None)
     trainer.save_checkpoint(str(ckpt))
     metrics: dict[str, float] = {"epochs": trainer.current_epoch, "steps": trainer.global_step, **throughput(module), "threads": threads}
+    if data.reader is not None:  # a lazily read image folder: files that failed to decode were skipped
+        metrics["unreadable_images"] = data.reader.bad_count()
+        if metrics["unreadable_images"]:
+            log.warning("skipped %d unreadable image file(s): %s", metrics["unreadable_images"], ", ".join(data.reader.bad_files()[:5]))
     metrics["monitor_time_s"] = 0.0  # measuring while training: the online monitor and the routing snapshots
     for callback in trainer.callbacks:
         if isinstance(callback, RoutingFluctuation):

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ssroute.data import DataBundle
 from ssroute.data.correspondence import matches_of
-from ssroute.data.loader import ResumableLoader
+from ssroute.data.loader import ResumableLoader, loader_workers
 from ssroute.data.views import ViewAugment
 from ssroute.errors import ConfigError
 from ssroute.models import build_backbone
@@ -67,7 +67,9 @@ class PretrainModule(ResumableModule):
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.backbone = build_backbone(cfg, data.image_size, data.channels)
         self.stages = stage_ranges(cfg.model)
-        self.plan = SchedulePlan(cfg.schedule.name, len(self.stages), cfg.schedule.epochs_per_block or cfg.trainer.max_epochs, cfg.schedule.joint_epochs)
+        self.plan = SchedulePlan(
+            cfg.schedule.name, len(self.stages), cfg.schedule.epochs_per_block or cfg.trainer.max_epochs, cfg.schedule.joint_epochs
+        )
         if self.plan.name == "end_to_end":
             self.encoders: list[Any] = [self.backbone]
         else:  # one local SSL head per stage, each on the frozen output of the stages below
@@ -94,7 +96,7 @@ class PretrainModule(ResumableModule):
             seed=self.cfg.seed,
             rank=self.global_rank,
             world_size=self.trainer.world_size,
-            num_workers=self.cfg.data.num_workers,
+            num_workers=loader_workers(self.cfg.data.num_workers, self.data.train),
         )
 
     # -- the schedule -----------------------------------------------------------------------
@@ -127,7 +129,11 @@ class PretrainModule(ResumableModule):
                 phase.objective.load_state_dict(heads, strict=False)  # the last stage's heads carry on; a teacher syncs below
             phase.objective.start_phase(phase.encoder)
         if phase.name != self._phase:
-            log.info("schedule %s: %s", self.plan.name, "all stages jointly" if phase.name == "joint" else f"stage {phase.name} of {len(self.stages)} on frozen stages below")
+            log.info(
+                "schedule %s: %s",
+                self.plan.name,
+                "all stages jointly" if phase.name == "joint" else f"stage {phase.name} of {len(self.stages)} on frozen stages below",
+            )
             self._phase = phase.name
         if self.k_schedule is not None:
             k = self.k_schedule(self.global_step)  # a pure function of the step: resumes keep it
@@ -209,7 +215,9 @@ def build_schedule(cfg: DictConfig, backbone: nn.Module):
     options = dict(cfg)
     name = options.pop("name", None)
     if name is None:
-        raise ConfigError("k_schedule needs a name: constant, linear or random (for example k_schedule={name: linear, start: 4, end: 1, steps: 1000}).")
+        raise ConfigError(
+            "k_schedule needs a name: constant, linear or random (for example k_schedule={name: linear, start: 4, end: 1, steps: 1000})."
+        )
     schedule = build_k_schedule(name, **options)
     layers = moe_layers(backbone).values()
     if not layers:
@@ -228,7 +236,9 @@ def check_pretrain_config(cfg: DictConfig, data: DataBundle) -> None:
 
     check_patch_size(cfg.model.patch_size, data.image_size, data=cfg.data.name)
     if cfg.model.dim % cfg.model.heads:
-        raise ConfigError(f"model.dim={cfg.model.dim} is not divisible by model.heads={cfg.model.heads}; pick a dim that is a multiple of heads.")
+        raise ConfigError(
+            f"model.dim={cfg.model.dim} is not divisible by model.heads={cfg.model.heads}; pick a dim that is a multiple of heads."
+        )
     per_device = len(data.train) // max(1, _world_size(cfg))
     if per_device < cfg.data.batch_size:
         raise ConfigError(
