@@ -173,7 +173,7 @@ class OnlineMonitor(pl.Callback):
     """
 
     def __init__(
-        self, every_n_epochs: int, train_images: int = 2048, held_out_images: int = 1024, routing_images: int = 256, batch_size: int = 512
+        self, every_n_epochs: int, train_images: int = 1024, held_out_images: int = 512, routing_images: int = 256, batch_size: int = 512
     ) -> None:
         if every_n_epochs <= 0:
             raise ValueError(f"every_n_epochs must be positive, got {every_n_epochs}")
