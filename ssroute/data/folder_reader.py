@@ -36,7 +36,7 @@ from ssroute.errors import ConfigError
 CACHE_BYTES = 2 * 1024**3  # keep decoded images in shared memory when the whole folder fits
 
 
-def image_header(path: Path) -> tuple[str, int] | None:
+def image_header(path: str | Path) -> tuple[str, int] | None:
     """(mode ``L`` or ``RGB``, shorter side) from the file's header alone, or None when it cannot be opened."""
     from PIL import Image
 
@@ -47,7 +47,7 @@ def image_header(path: Path) -> tuple[str, int] | None:
         return None
 
 
-def decode_image(path: Path, mode: str, size: int) -> torch.Tensor | None:
+def decode_image(path: str | Path, mode: str, size: int) -> torch.Tensor | None:
     """uint8 ``[channels, size, size]``: converted to ``mode``, resized on the shorter side, centre-cropped; None if unreadable."""
     from PIL import Image
 
@@ -81,7 +81,14 @@ class FolderReader:
     """
 
     def __init__(
-        self, files: list[Path], labels: list[int], mode: str, size: int, max_bad: int, root: Path, cache_bytes: int = CACHE_BYTES
+        self,
+        files: list[str] | list[Path],
+        labels: list[int],
+        mode: str,
+        size: int,
+        max_bad: int,
+        root: Path,
+        cache_bytes: int = CACHE_BYTES,
     ) -> None:
         self.files, self.mode, self.size, self.max_bad, self.root = [str(f) for f in files], mode, size, max_bad, root
         self.labels = np.asarray(labels)
@@ -101,7 +108,7 @@ class FolderReader:
             return self.cache[index]
         if self.bad[index]:
             return None
-        image = decode_image(Path(self.files[index]), self.mode, self.size)
+        image = decode_image(self.files[index], self.mode, self.size)
         if image is None:
             self.bad[index] = True
         elif self.cache is not None:
