@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -77,8 +78,10 @@ def startup(folder: Path, threads: int, workdir: Path) -> dict:
         "evaluate=false",
         f"hydra.run.dir={workdir}",
     ]
+    shutil.rmtree(workdir, ignore_errors=True)  # a fresh run folder: its log must hold this run alone
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import pretrain.__main__"], cwd=ROOT, env=env, check=True, capture_output=True)
+    imports = "import pretrain.__main__, ssroute.train.pretrain"  # what the entry point imports before the run starts
+    subprocess.run([sys.executable, "-c", imports], cwd=ROOT, env=env, check=True, capture_output=True)
     imports = time.perf_counter() - start  # the same imports and nothing else: what every run pays before reading data
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pretrain", *overrides], cwd=ROOT, env=env, check=True, capture_output=True)
@@ -148,7 +151,7 @@ def markdown(report: dict) -> str:
         f"{report['loadavg_1min_before_after'][0]:.2f} -> {report['loadavg_1min_before_after'][1]:.2f}), torch {report['machine']['torch']}, "
         f"{report['threads']} intra-op thread(s). Each folder holds {BAD_FILES} corrupt files. One-step run = the wall time of "
         "`python -m pretrain data=image_folder data.root=FOLDER` for one training step (imports, listing, statistics sample, model, "
-        "first batch, the step, the end of the run); imports = `python -c 'import pretrain.__main__'` alone; run start to first step = "
+        "first batch, the step, the end of the run); imports = `python -c 'import pretrain.__main__, ssroute.train.pretrain'` alone; run start to first step = "
         "from the run log's first line (threads set) to the first epoch's start (listing, statistics sample, model, trainer); "
         "the target (<= 30 s) is checked on imports + run start to first step; images/s = the training loader alone, first pass (decode) and second pass "
         f"(shared cache where the folder fits), over {report['batches']} batches of {report['batch_size']}.",
