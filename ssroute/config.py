@@ -115,7 +115,7 @@ class ConsistencyConfig:
     weight: float = 1.0  # weight of the routing-consistency loss (MoE models only); 0 = off
     loss: str = "swapped"  # swapped: SwAV's swapped prediction with balanced targets; mutual_information: IIC over corresponding patches
     temperature: float = 0.1  # sharpening temperature of the targets made from the partner view
-    balance: str = "sinkhorn"  # sinkhorn (balanced targets), entropy (usage-entropy bonus) or none
+    balance: str = "sinkhorn"  # sinkhorn (balanced targets), sinkhorn_position (balanced at every grid position), entropy (usage-entropy bonus) or none
     entropy_weight: float = 1.0  # weight of the usage-entropy bonus when balance=entropy
     partners: str = "hard"  # hard: the patch containing the mapped centre; soft: bilinear blend of the patches around it (grid)
     teacher_momentum: float = 0.0  # > 0: targets from an EMA teacher's routing (DINO-style), momentum from this value to 1; 0 = the student's own
@@ -294,7 +294,14 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     c = cfg.consistency
     _check(c.weight >= 0, f"consistency.weight={c.weight} must be >= 0 (0 turns the routing-consistency loss off).")
     _check(c.temperature > 0, f"consistency.temperature={c.temperature} must be positive.")
-    _check(c.balance in ("sinkhorn", "entropy", "none"), f"consistency.balance={c.balance!r} is unknown; choose sinkhorn, entropy or none.")
+    _check(
+        c.balance in ("sinkhorn", "sinkhorn_position", "entropy", "none"),
+        f"consistency.balance={c.balance!r} is unknown; choose sinkhorn, sinkhorn_position, entropy or none.",
+    )
+    _check(
+        c.balance != "sinkhorn_position" or cfg.patches.name == "grid",
+        f"consistency.balance=sinkhorn_position balances each grid position; patches={cfg.patches.name} has no fixed positions, use consistency.balance=sinkhorn.",
+    )
     _check(c.partners in ("hard", "soft"), f"consistency.partners={c.partners!r} is unknown; choose hard or soft.")
     _check(0.0 <= c.teacher_momentum < 1.0, f"consistency.teacher_momentum={c.teacher_momentum} must be in [0, 1); 0 = no teacher.")
     _check(c.loss in ("swapped", "mutual_information"), f"consistency.loss={c.loss!r} is unknown; choose swapped or mutual_information.")
