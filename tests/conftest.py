@@ -55,7 +55,8 @@ def write_checkpoint(run_dir: Path, overrides: list[str] = (), seed: int = 0, re
     from ssroute.models import build_backbone
     from ssroute.train.schedule import resolve_stack
 
-    cfg = compose_config("pretrain", [*TINY, "schedule=end_to_end", *overrides])
+    replaced = {o.partition("=")[0] for o in overrides}
+    cfg = compose_config("pretrain", [*(o for o in TINY if o.partition("=")[0] not in replaced), "schedule=end_to_end", *overrides])
     data = build_data(cfg.data, cfg.seed)
     resolve_data_defaults(cfg, data.image_size)
     resolve_stack(cfg)
