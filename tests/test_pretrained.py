@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import write_checkpoint
 from sklearn.datasets import load_digits
 
 import ssroute
 from ssroute.data.views import normalize
 from ssroute.errors import ConfigError
+from tests.conftest import write_checkpoint
 
 ROUTED = ["model.moe_layers=[1]", "model.num_experts=4", "router.k=2", "router.capacity_factor=null"]
 

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_checkpoint
 from sklearn.datasets import load_digits
 
 import ssroute
 from ssroute.errors import ConfigError
 from ssroute.export.__main__ import export_checkpoint
+from tests.conftest import write_checkpoint
 
 timm = pytest.importorskip("timm")  # the [timm] extra; CI installs it with [dev]
 
