@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssroute.errors import ConfigError
+from ssroute.layers.rope import rotate
 
 
 class Attention(nn.Module):
@@ -36,10 +37,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``mask [batch, tokens]``: False marks padding no token may attend to (None = all tokens real)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``mask [batch, tokens]``: False marks padding no token may attend to (None = all tokens real);
+        ``rope``: the ``(cos, sin)`` rotation of queries and keys (``ssroute.layers.rope``; None = no rotation)."""
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         keys = None if mask is None else mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=keys, dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))

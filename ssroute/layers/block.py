@@ -42,12 +42,13 @@ class TransformerBlock(nn.Module):
         self.ffn = ffn
         self.routed = hasattr(ffn, "forward_with_routing")
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        """``mask [batch, tokens]``: False marks padding that attention ignores (None = all tokens real).
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
+        """``mask [batch, tokens]``: False marks padding that attention ignores (None = all tokens real);
+        ``rope``: the rotary position code of the tokens (``ssroute.layers.rope``; None = positions are in the tokens).
 
         Returns the tokens and the FFN's routing (None for a dense FFN).
         """
-        x = x + self.attn(self.norm1(x), mask)
+        x = x + self.attn(self.norm1(x), mask, rope)
         if self.routed:
             y, routing = self.ffn.forward_with_routing(self.norm2(x))
             return x + y, routing

@@ -37,6 +37,7 @@ from torch import nn
 from ssroute.layers.block import TransformerBlock
 from ssroute.layers.mlp import FeedForward
 from ssroute.layers.patch_embed import PatchEmbed
+from ssroute.layers.rope import AxialRope
 from ssroute.models.aux import ForwardAux, router_aux_loss
 from ssroute.models.registry import check_model, register_model
 from ssroute.patches.base import Patches, PatchSelector
@@ -73,6 +74,9 @@ class ViT(nn.Module):
         dropout: attention dropout.
         ffn_factory: ``layer index -> FFN module``; default a dense :class:`FeedForward`.
         selector: which patches become tokens (``ssroute.patches``); None = the non-overlapping grid.
+        position: ``absolute`` (a sine-cosine code added to the tokens) or ``rope`` (rotary positions in
+            attention only: tokens stay translation-equivariant, so routers see content, not position).
+        stem: ``patch`` (one patch-sized convolution) or ``conv`` (a small convolutional stem).
     """
 
     def __init__(
@@ -88,13 +92,16 @@ class ViT(nn.Module):
         dropout: float = 0.0,
         ffn_factory: Callable[[int], nn.Module] | None = None,
         selector: PatchSelector | None = None,
+        position: str = "absolute",
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         self.dim = dim
         hidden = int(mlp_ratio * dim)
         if ffn_factory is None:
             ffn_factory = lambda layer: FeedForward(dim, hidden, activation)  # noqa: E731
-        self.patch_embed = PatchEmbed(channels, patch_size, dim, image_size, selector)
+        self.patch_embed = PatchEmbed(channels, patch_size, dim, image_size, selector, position, stem)
+        self.rope = AxialRope(dim // heads, patch_size) if position == "rope" else None
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, ffn_factory(i), dropout) for i in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.apply(_init_weights)
@@ -135,24 +142,29 @@ class ViT(nn.Module):
         with torch.no_grad() if frozen_below > 0 else nullcontext():
             aux.patches = patch_embed.embed(images)
             x = self._run(aux.patches.tokens, self.blocks[:frozen_below], 0, aux)
-        x = self._run(x, trainable, frozen_below, aux)
+        x = aux.tokens = self._run(x, trainable, frozen_below, aux)
         aux.losses.update(router_aux_loss(aux.routings, frozen_below))
         if aux.patches.aux_loss is not None:
             aux.losses["ponder"] = aux.patches.aux_loss
         return self.pool(x, aux.patches.pool_weights, norm), aux
 
     def _run(self, x: torch.Tensor, blocks, first: int, aux: ForwardAux) -> torch.Tensor:
+        rope = None if self.rope is None else self.rope(aux.patches.centres)
         for index, block in enumerate(blocks, start=first):
-            x, routing = block(x, aux.patches.mask)
+            x, routing = block(x, aux.patches.mask, rope)
             if routing is not None:
                 aux.routings[index] = routing
             if aux.block_tokens is not None:
                 aux.block_tokens.append(x)
         return x
 
-    def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Embedded tokens ``[batch, tokens, dim]`` through every block and the pool; ``mask`` False = padding."""
-        aux = ForwardAux(patches=Patches(tokens, tokens.new_zeros(*tokens.shape[:2], 2), mask, weights))
+    def encode(
+        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None, centres: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embedded tokens ``[batch, tokens, dim]`` through every block and the pool; ``mask`` False = padding;
+        ``centres [batch, tokens, 2]`` the patches' centres (rotary positions; None = all at the origin)."""
+        centres = tokens.new_zeros(*tokens.shape[:2], 2) if centres is None else centres
+        aux = ForwardAux(patches=Patches(tokens, centres, mask, weights))
         return self.pool(self._run(tokens, self.blocks, 0, aux), weights, self.norm)
 
     def embed(self, images: torch.Tensor) -> Patches:
@@ -205,6 +217,7 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
             router_options=router,
             expert_options=experts,
             group_images=model.get("group_images", 1),
+            router_context=model.get("router_context", 0.0),
         )
 
     return ViT(
@@ -219,4 +232,6 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
         activation=model.activation,
         dropout=model.dropout,
         ffn_factory=ffn,
+        position=model.get("position", "absolute"),
+        stem=model.get("stem", "patch"),
     )
