@@ -16,7 +16,8 @@ Only the raw residual stream between blocks (before a LayerNorm) is ``c`` times 
 
 What cannot map is refused with one sentence: MoE FFNs (timm's ViT block has
 one dense MLP), positions from continuous patch centres (patch selectors other
-than the grid: timm adds a fixed table per grid cell), routing over depth.
+than the grid: timm adds a fixed table per grid cell), rotary positions, a
+convolutional stem, routing over depth.
 
 >>> timm_architecture(64), timm_architecture(384)
 ('vit_tiny_patch16_224', 'vit_small_patch16_224')
@@ -56,7 +57,7 @@ def check_timm_compatible(backbone: nn.Module, config: dict[str, Any], run: str)
             f"format=timm needs a dense ViT, but {run} is model.name={config['model']['name']} (routing over depth has no timm equivalent); {fix}."
         )
     model = config["model"]
-    for key, plain in (("position", "absolute"), ("stem", "patch")):  # keys of newer configs; older ones are plain
+    for key, plain in (("position", "absolute"), ("stem", "patch")):  # rotary positions, a convolutional stem (configs before them: plain)
         if model.get(key, plain) != plain:
             raise ConfigError(
                 f"format=timm needs model.{key}={plain}, but {run} has model.{key}={model[key]} (timm's plain ViT has no equivalent); {fix}."

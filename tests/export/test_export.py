@@ -19,11 +19,13 @@ from tests.conftest import write_checkpoint
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 ROUTED = ["model.moe_layers=[1]", "model.num_experts=4"]
-# every registered router and expert type, a patch selector and routing over depth; the default suite runs four of them
+# every registered router and expert type, a patch selector, routing over depth, rotary positions and the conv stem;
+# the default suite runs four of them
 VARIANTS = (
     [[*ROUTED, f"router={p.stem}"] for p in sorted((CONFIGS / "router").glob("*.yaml"))]
     + [[*ROUTED, f"experts={p.stem}"] for p in sorted((CONFIGS / "experts").glob("*.yaml"))]
     + [["patches=entropy_maxsum", "patches.num_patches=8"], ["model=vit_depth", "model.dim=32", "model.depth=2"]]
+    + [[*ROUTED, "model.position=rope"], [*ROUTED, "model.stem=conv"]]
 )
 FAST = {"router=token_choice", "router=soft_moe", "patches.num_patches=8", "model.depth=2"}
 VARIANTS = [pytest.param(v, id=v[-1], marks=() if v[-1] in FAST else pytest.mark.slow) for v in VARIANTS]

@@ -55,6 +55,8 @@ def test_dense_vit_loads_into_timm_with_equal_outputs(tmp_path, activation):
             r"selects them with patches=entropy_maxsum, whose positions come from each patch's continuous centre",
         ),
         (["model=vit_depth", "model.dim=32", "model.depth=2"], r"is model.name=vit_depth \(routing over depth has no timm equivalent\)"),
+        (["model.position=rope"], r"needs model.position=absolute, but .* has model.position=rope \(timm's plain ViT has no equivalent\)"),
+        (["model.stem=conv"], r"needs model.stem=patch, but .* has model.stem=conv"),
     ],
 )
 def test_what_timm_cannot_express_is_refused_with_the_reason(tmp_path, overrides, reason):
