@@ -65,8 +65,9 @@ def describe_architecture(config: dict[str, Any]) -> str:
     """One line: depth, width, heads, patches, and the routed blocks with their router and experts."""
     model, inputs = config["model"], config["inputs"]
     patches = (config.get("patches") or {}).get("name", "grid")
+    name = model.get("name", "vit")
     line = (
-        f"ViT ({model.get('name', 'vit')}), {model['depth']} blocks of width {model['dim']} with {model['heads']} heads, "
+        f"ViT{'' if name == 'vit' else f' ({name})'}, {model['depth']} blocks of width {model['dim']} with {model['heads']} heads, "
         f"{model['patch_size']}x{model['patch_size']} patches ({patches}) of {inputs['channels']}-channel {inputs['image_size']}x{inputs['image_size']} images"
     )
     if model.get("moe_layers"):
