@@ -118,6 +118,7 @@ class ConsistencyConfig:
     balance: str = "sinkhorn"  # sinkhorn (balanced targets), entropy (usage-entropy bonus) or none
     entropy_weight: float = 1.0  # weight of the usage-entropy bonus when balance=entropy
     partners: str = "hard"  # hard: the patch containing the mapped centre; soft: bilinear blend of the patches around it (grid)
+    teacher_momentum: float = 0.0  # > 0: targets from an EMA teacher's routing (DINO-style), momentum from this value to 1; 0 = the student's own
 
 
 @dataclass
@@ -309,6 +310,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     _check(c.temperature > 0, f"consistency.temperature={c.temperature} must be positive.")
     _check(c.balance in ("sinkhorn", "entropy", "none"), f"consistency.balance={c.balance!r} is unknown; choose sinkhorn, entropy or none.")
     _check(c.partners in ("hard", "soft"), f"consistency.partners={c.partners!r} is unknown; choose hard or soft.")
+    _check(0.0 <= c.teacher_momentum < 1.0, f"consistency.teacher_momentum={c.teacher_momentum} must be in [0, 1); 0 = no teacher.")
     _check(c.loss in ("swapped", "mutual_information"), f"consistency.loss={c.loss!r} is unknown; choose swapped or mutual_information.")
     d = cfg.dense
     _check(d.weight >= 0, f"dense.weight={d.weight} must be >= 0 (0 turns the dense loss off).")

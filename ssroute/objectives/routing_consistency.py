@@ -179,6 +179,7 @@ def consistency_over_blocks(
     matches: tuple[Correspondence, Correspondence],
     blocks: Iterable[int],
     cfg,
+    targets: tuple[dict[int, Routing], dict[int, Routing]] | None = None,
 ) -> Tensor | None:
     """Mean swapped-prediction loss over the routed ``blocks`` between two views' routings (None if none ran).
 
@@ -188,11 +189,13 @@ def consistency_over_blocks(
     take the image-level variant, where the two views of an image are partners. ``cfg.loss`` picks the swapped
     prediction (``swapped``) or the mutual information of the pairs' experts (``mutual_information``,
     :mod:`ssroute.objectives.routing_mutual_information`). ``cfg``: ``loss``, ``temperature``,
-    ``balance``, ``entropy_weight``, ``partners`` (``ssroute.config.ConsistencyConfig``).
+    ``balance``, ``entropy_weight``, ``partners`` (``ssroute.config.ConsistencyConfig``). ``targets``: the
+    routings the partners' distributions are read from (an EMA teacher's, for each view); None = ``routings``.
     """
     m12, m21 = matches
     options = {"temperature": cfg.temperature, "balance": cfg.balance, "entropy_weight": cfg.entropy_weight}
     batch = m12.partner.shape[0]
+    targets = routings if targets is None else targets
     losses = []
     for block in blocks:
         if block not in routings[0] or block not in routings[1]:
@@ -202,8 +205,9 @@ def consistency_over_blocks(
             losses.append(image_routing_consistency_loss(first.image_probs, second.image_probs, **options))
         else:
             probs1, probs2 = (r.probs.view(batch, -1, r.num_experts) for r in (first, second))
+            target1, target2 = (r.probs.view(batch, -1, r.num_experts) for r in (targets[0][block], targets[1][block]))
             soft = getattr(cfg, "partners", "hard") == "soft"
-            partners1, partners2 = partner_blend(probs2, m12, soft), partner_blend(probs1, m21, soft)
+            partners1, partners2 = partner_blend(target2, m12, soft), partner_blend(target1, m21, soft)
             if getattr(cfg, "loss", "swapped") == "mutual_information":
                 losses.append(symmetric_mutual_information_loss(probs1, partners1, m12.valid, probs2, partners2, m21.valid))
             else:
