@@ -172,6 +172,9 @@ class TrainerConfig:
     progress_bar: bool = True  # Lightning's progress bar
     log_every_n_steps: int = 10  # CSV/TensorBoard logging period
     limit_train_batches: Any = None  # Lightning's limit (int batches or float share); None = all
+    loggers: list[str] = field(default_factory=lambda: ["csv"])  # any of csv, tensorboard, wandb, mlflow (ssroute/train/loggers.py, docs/export.md)
+    log_project: str = "ssroute"  # W&B project / MLflow experiment the wandb and mlflow loggers write to
+    compile: bool = False  # torch.compile the backbone's dense parts (attention, dense FFNs); MoE layers stay eager
 
 
 @dataclass
@@ -244,6 +247,16 @@ class EvaluateConfig(EvalSettings):
     protocols: list[str] | None = None  # subset of ssroute.eval.evaluation.PROTOCOLS; null = every one the data and model support
 
 
+@dataclass
+class ExportConfig:
+    """``python -m ssroute.export checkpoint=RUN out=DIR`` (ssroute/export/__main__.py, docs/export.md)."""
+
+    checkpoint: str | None = None  # pretraining or fine-tuning run folder, .ckpt file, or latest
+    out: str | None = None  # the folder to write; it must not exist yet (written in a temporary folder, then renamed)
+    format: str = "hub"  # hub: config.json + model.safetensors + README.md for ssroute.load; timm: a dense ViT for timm.create_model
+    push_to_hub: str | None = None  # Hugging Face Hub repository (user/name) to upload the folder to; needs huggingface_hub and a login
+
+
 def register_configs() -> None:
     """Register the schemas so Hydra type-checks the YAML groups against them."""
     from hydra.core.config_store import ConfigStore
@@ -252,6 +265,7 @@ def register_configs() -> None:
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="finetune_schema", node=FinetuneConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="export_schema", node=ExportConfig)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from ssroute.checkpoint import ModelInputs
 from ssroute.data import DataBundle
 from ssroute.data.correspondence import matches_of
 from ssroute.data.loader import ResumableLoader
@@ -68,7 +69,7 @@ class PretrainModule(ResumableModule):
     def __init__(self, cfg: DictConfig, data: DataBundle) -> None:
         super().__init__()
         self.cfg, self.data = cfg, data
-        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True), "inputs": ModelInputs.of_data(data).as_dict()})
         self.backbone = build_backbone(cfg, data.image_size, data.channels)
         self.stages = stage_ranges(cfg.model)
         self.plan = SchedulePlan(cfg.schedule.name, len(self.stages), cfg.schedule.epochs_per_block or cfg.trainer.max_epochs, cfg.schedule.joint_epochs)
