@@ -32,12 +32,13 @@ class TransformerBlock(nn.Module):
         heads: attention heads.
         ffn: the feed-forward module (dense or MoE) applied after attention.
         dropout: attention dropout.
+        head_dim: width of one attention head; None = ``dim / heads``.
     """
 
-    def __init__(self, dim: int, heads: int, ffn: nn.Module, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, ffn: nn.Module, dropout: float = 0.0, head_dim: int | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads, dropout, head_dim)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = ffn
         self.routed = hasattr(ffn, "forward_with_routing")

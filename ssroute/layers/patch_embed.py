@@ -61,17 +61,38 @@ class PatchEmbed(nn.Module):
         dim: token width.
         image_size: square image side in pixels.
         selector: which patches to embed (``ssroute.patches``); None = the non-overlapping grid.
+        position_dims: coordinates of a ``position_width``-wide position code this embedding keeps
+            (a model pruned over its hidden dimension, ``ssroute.prune``); None = the ``dim``-wide code.
+        position_width: width of the code ``position_dims`` index; None = ``dim``.
     """
 
-    def __init__(self, channels: int, patch_size: int, dim: int, image_size: int, selector: PatchSelector | None = None) -> None:
+    def __init__(
+        self,
+        channels: int,
+        patch_size: int,
+        dim: int,
+        image_size: int,
+        selector: PatchSelector | None = None,
+        position_dims: list[int] | None = None,
+        position_width: int | None = None,
+    ) -> None:
         super().__init__()
         check_patch_size(patch_size, image_size)
+        if position_dims is not None and len(position_dims) != dim:
+            raise ConfigError(f"model.shape.position_dims lists {len(position_dims)} coordinates for model.dim={dim}; give one per token dimension.")
         self.patch_size, self.image_size = patch_size, image_size
+        self.position_dims = None if position_dims is None else torch.tensor(list(position_dims), dtype=torch.long)
+        self.position_width = dim if position_width is None else position_width
         self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("centres", grid_centres(image_size, patch_size), persistent=False)
-        self.register_buffer("position", sincos_position(self.centres, dim, image_size), persistent=False)
+        self.register_buffer("position", self.position_code(self.centres), persistent=False)
         self.selector = selector
         self.dim = dim
+
+    def position_code(self, centres: torch.Tensor) -> torch.Tensor:
+        """``[..., 2]`` pixel centres -> ``[..., dim]`` position codes (the kept coordinates of a pruned model's)."""
+        code = sincos_position(centres, self.position_width, self.image_size)
+        return code if self.position_dims is None else code[..., self.position_dims.to(code.device)]
 
     @property
     def num_tokens(self) -> int:
@@ -88,7 +109,7 @@ class PatchEmbed(nn.Module):
                 centres = self.selector(images)
             pixels = extract_patches(images, centres, self.patch_size)  # [B, N, C*p*p]
             tokens = nn.functional.linear(pixels, self.proj.weight.flatten(1), self.proj.bias)
-            tokens = tokens + sincos_position(centres, self.dim, self.image_size).to(tokens.dtype)
+            tokens = tokens + self.position_code(centres).to(tokens.dtype)
             patches = Patches(tokens, centres)
             if self.selector.halts:
                 patches.mask, patches.pool_weights, patches.aux_loss = self.selector.halt(tokens)

@@ -48,3 +48,8 @@ def check_model(cfg) -> None:
         raise ConfigError(f"model.moe_layers={list(model.moe_layers)} names blocks outside 0..{model.depth - 1}; use block indices below model.depth.")
     if model.moe_k and len(model.moe_k) != len(model.moe_layers):
         raise ConfigError(f"model.moe_k={list(model.moe_k)} must give one k per entry of model.moe_layers={list(model.moe_layers)}.")
+    shape = model.get("shape") or {}
+    for key in ("heads", "ffn_hidden", "experts"):
+        values = list(shape.get(key) or [])
+        if values and len(values) != model.depth:
+            raise ConfigError(f"model.shape.{key}={values} must give one value per block (model.depth={model.depth}); [] = uniform.")

@@ -27,6 +27,7 @@ selector, the mask of patches taken, which attention and pooling obey).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssroute.errors import ConfigError
 from ssroute.layers.block import TransformerBlock
 from ssroute.layers.mlp import FeedForward
 from ssroute.layers.patch_embed import PatchEmbed
@@ -73,6 +75,10 @@ class ViT(nn.Module):
         dropout: attention dropout.
         ffn_factory: ``layer index -> FFN module``; default a dense :class:`FeedForward`.
         selector: which patches become tokens (``ssroute.patches``); None = the non-overlapping grid.
+        head_dim: width of one attention head; None = ``dim / heads``.
+        block_heads: attention heads of each block (a pruned model); None = ``heads`` in every block.
+        position_dims, position_width: the coordinates of a wider position code a model pruned over its
+            hidden dimension keeps (:class:`~ssroute.layers.patch_embed.PatchEmbed`); None = the ``dim``-wide code.
     """
 
     def __init__(
@@ -88,16 +94,25 @@ class ViT(nn.Module):
         dropout: float = 0.0,
         ffn_factory: Callable[[int], nn.Module] | None = None,
         selector: PatchSelector | None = None,
+        head_dim: int | None = None,
+        block_heads: list[int] | None = None,
+        position_dims: list[int] | None = None,
+        position_width: int | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
         hidden = int(mlp_ratio * dim)
         if ffn_factory is None:
             ffn_factory = lambda layer: FeedForward(dim, hidden, activation)  # noqa: E731
-        self.patch_embed = PatchEmbed(channels, patch_size, dim, image_size, selector)
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, ffn_factory(i), dropout) for i in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.apply(_init_weights)
+        block_heads = [heads] * depth if block_heads is None else list(block_heads)
+        if len(block_heads) != depth:
+            raise ConfigError(f"model.shape.heads={block_heads} must give one head count per block (model.depth={depth}).")
+        self.patch_embed = PatchEmbed(channels, patch_size, dim, image_size, selector, position_dims, position_width)
+        with warnings.catch_warnings():  # a pruned block may keep no heads or hidden units: empty weights initialise to nothing
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+            self.blocks = nn.ModuleList(TransformerBlock(dim, block_heads[i], ffn_factory(i), dropout, head_dim) for i in range(depth))
+            self.norm = nn.LayerNorm(dim)
+            self.apply(_init_weights)
 
     @property
     def depth(self) -> int:
@@ -189,17 +204,19 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
     hidden = int(model.mlp_ratio * model.dim)
     moe_layers = set(model.moe_layers)
     layer_k = dict(zip(model.moe_layers, model.moe_k, strict=False))
+    shape = model.get("shape") or {}  # configs written before pruning existed have none
+    widths, experts_of = list(shape.get("ffn_hidden") or []), list(shape.get("experts") or [])
 
     def ffn(layer: int) -> nn.Module:
         if layer not in moe_layers:
-            return FeedForward(model.dim, hidden, model.activation)
+            return FeedForward(model.dim, widths[layer] if widths else hidden, model.activation)
         router, experts = dict(cfg.router), dict(cfg.experts)
         if layer in layer_k:
             router["k"] = layer_k[layer]
         return build_moe(
             dim=model.dim,
-            hidden=model.expert_hidden or hidden,
-            num_experts=model.num_experts,
+            hidden=widths[layer] if widths else model.expert_hidden or hidden,
+            num_experts=experts_of[layer] if experts_of else model.num_experts,
             router=router.pop("name"),
             experts=experts.pop("name"),
             router_options=router,
@@ -219,4 +236,8 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
         activation=model.activation,
         dropout=model.dropout,
         ffn_factory=ffn,
+        head_dim=shape.get("head_dim"),
+        block_heads=list(shape["heads"]) if shape.get("heads") else None,
+        position_dims=list(shape["position_dims"]) if shape.get("position_dims") else None,
+        position_width=shape.get("position_width"),
     )
