@@ -74,6 +74,16 @@ class ShapeConfig:
 
 
 @dataclass
+class AttentionHeadsConfig:
+    """Mixture-of-attention-heads layers (MoA, Zhang et al. 2022; ssroute/moe/attention_heads.py, docs/compression.md)."""
+
+    layers: list[int] = field(default_factory=list)  # blocks whose attention is a mixture of attention heads (their FFN must be dense); [] = none
+    heads: int = 8  # attention-head experts per layer
+    k: int = 2  # heads each token is routed to
+    head_dim: int | None = None  # width of one head; null = model.dim / model.heads
+
+
+@dataclass
 class ModelConfig:
     name: str = "vit"  # backbone family (only vit for now)
     dim: int = 64  # token width
@@ -92,6 +102,8 @@ class ModelConfig:
     ssl_layers: int = 1  # dense transformer blocks in each ssl block of the stack
     depth_router: DepthRouterConfig = field(default_factory=DepthRouterConfig)  # model=vit_depth only: the pool, steps and halting
     shape: ShapeConfig = field(default_factory=ShapeConfig)  # per-block widths of a pruned model; empty = the uniform widths above
+    attention: str = "softmax"  # softmax or relu (ReLU / sequence length, Wortsman et al. 2023) in every attention
+    moa: AttentionHeadsConfig = field(default_factory=AttentionHeadsConfig)  # attention heads routed per token like FFN experts
 
 
 @dataclass

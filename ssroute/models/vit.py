@@ -79,6 +79,9 @@ class ViT(nn.Module):
         block_heads: attention heads of each block (a pruned model); None = ``heads`` in every block.
         position_dims, position_width: the coordinates of a wider position code a model pruned over its
             hidden dimension keeps (:class:`~ssroute.layers.patch_embed.PatchEmbed`); None = the ``dim``-wide code.
+        attention: ``softmax`` or ``relu`` attention in every block.
+        attn_factory: ``layer index -> attention module or None`` (None: the block's own multi-head attention);
+            a mixture of attention heads goes in here.
     """
 
     def __init__(
@@ -98,6 +101,8 @@ class ViT(nn.Module):
         block_heads: list[int] | None = None,
         position_dims: list[int] | None = None,
         position_width: int | None = None,
+        attention: str = "softmax",
+        attn_factory: Callable[[int], nn.Module | None] | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -110,7 +115,10 @@ class ViT(nn.Module):
         self.patch_embed = PatchEmbed(channels, patch_size, dim, image_size, selector, position_dims, position_width)
         with warnings.catch_warnings():  # a pruned block may keep no heads or hidden units: empty weights initialise to nothing
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
-            self.blocks = nn.ModuleList(TransformerBlock(dim, block_heads[i], ffn_factory(i), dropout, head_dim) for i in range(depth))
+            attn_of = attn_factory or (lambda layer: None)
+            self.blocks = nn.ModuleList(
+                TransformerBlock(dim, block_heads[i], ffn_factory(i), dropout, head_dim, attention, attn_of(i)) for i in range(depth)
+            )
             self.norm = nn.LayerNorm(dim)
             self.apply(_init_weights)
 
@@ -206,6 +214,16 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
     layer_k = dict(zip(model.moe_layers, model.moe_k, strict=False))
     shape = model.get("shape") or {}  # configs written before pruning existed have none
     widths, experts_of = list(shape.get("ffn_hidden") or []), list(shape.get("experts") or [])
+    moa = model.get("moa") or {}
+    moa_layers = set(moa.get("layers") or [])
+
+    def attn(layer: int) -> nn.Module | None:
+        if layer not in moa_layers:
+            return None
+        from ssroute.moe.attention_heads import build_attention_heads
+
+        head_dim = moa.get("head_dim") or model.dim // model.heads
+        return build_attention_heads(model.dim, moa.get("heads", 8), moa.get("k", 2), head_dim, model.get("attention", "softmax"), model.dropout)
 
     def ffn(layer: int) -> nn.Module:
         if layer not in moe_layers:
@@ -240,4 +258,6 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
         block_heads=list(shape["heads"]) if shape.get("heads") else None,
         position_dims=list(shape["position_dims"]) if shape.get("position_dims") else None,
         position_width=shape.get("position_width"),
+        attention=model.get("attention", "softmax"),
+        attn_factory=attn,
     )

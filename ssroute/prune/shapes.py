@@ -31,6 +31,7 @@ from torch import nn
 
 from ssroute.errors import ConfigError
 from ssroute.experts.mlp import MLPExperts
+from ssroute.layers.attention import Attention
 from ssroute.layers.mlp import FeedForward
 from ssroute.moe import MoELayer
 
@@ -94,6 +95,10 @@ def describe(backbone: nn.Module) -> ModelShape:
         )
     blocks, reasons = [], []
     for block in backbone.blocks:
+        if not isinstance(block.attn, Attention):
+            raise ConfigError(
+                f"structured pruning cannot prune a {type(block.attn).__name__} attention yet; prune a model without model.moa.layers."
+            )
         shape, reason = _ffn_shape(block.ffn, block.attn.heads, block.attn.head_dim)
         blocks.append(shape)
         if reason:
