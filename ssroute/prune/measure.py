@@ -50,6 +50,18 @@ def images_per_second(backbone: nn.Module, head: nn.Module | None, images: torch
     return images.shape[0] / best
 
 
+def paired_images_per_second(
+    models: dict[str, tuple[nn.Module, nn.Module | None]], images: torch.Tensor, batch_size: int = 256, rounds: int = 3
+) -> dict[str, float]:
+    """Throughput of several ``(backbone, head)`` models timed in alternation (best of ``rounds`` each), so a
+    change of the machine's load between them biases no one model."""
+    best = {name: 0.0 for name in models}
+    for _ in range(rounds):
+        for name, (backbone, head) in models.items():
+            best[name] = max(best[name], images_per_second(backbone, head, images, batch_size, repeats=1))
+    return best
+
+
 @torch.no_grad()
 def top1(backbone: nn.Module, head: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
     """Test accuracy of ``head(backbone(images))`` in eval mode (mode restored)."""

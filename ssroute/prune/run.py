@@ -35,7 +35,7 @@ from ssroute.eval.evaluation import held_out_images
 from ssroute.io import save_atomic, write_json_atomic
 from ssroute.models import build_backbone
 from ssroute.prune.analytics import mask_analytics, write_sparsity_plot
-from ssroute.prune.measure import images_per_second, top1
+from ssroute.prune.measure import images_per_second, paired_images_per_second, top1
 from ssroute.prune.module import PruneModule, Teacher
 from ssroute.prune.sparsity import expected_sparsity, sparsity
 from ssroute.prune.surgery import prune_head, prune_state, pruned_config
@@ -204,6 +204,10 @@ def finish_prune(
     metrics.update(before)
     metrics.update(_measure(pruned, pruned_head, data, normalize, cfg, ""))
     metrics["params_after"] = metrics.pop("params")
+    source, source_head, _, _ = load_run(str(cfg.checkpoint), data)  # timed in alternation with the pruned model: same load
+    timed = normalize(held_out_images(data, cfg.speed_images)[0])
+    speed = paired_images_per_second({"before": (source, source_head), "after": (pruned, pruned_head)}, timed)
+    metrics["images_per_s_before"], metrics["images_per_s"] = round(speed["before"], 1), round(speed["after"], 1)
     if "test_top1" not in metrics:
         metrics.update(_probes(pruned, data, cfg, ""))
     if "images_per_s_before" in metrics:
