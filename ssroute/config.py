@@ -36,6 +36,7 @@ class DataConfig:
     root: str | None = None  # folder with the data (fashion_mnist/cifar10/stl10/image_folder); None = package default
     download: bool = False  # let torchvision download cifar10/stl10/fashion_mnist into root
     test_fraction: float = 0.2  # held-out share for datasets without an official test split (digits, image_folder)
+    val_fraction: float = 0.0  # > 0: hold out this share of the training images and evaluate on it instead of the test split (tuning)
     image_size: int | None = None  # resize image_folder images to this square size; None = first image's size
     max_bad_fraction: float = 0.05  # share of unreadable files tolerated in an image folder before erroring
     train_subset: int | None = None  # keep only this many training images (quick experiments); None = all
@@ -92,12 +93,15 @@ class ModelConfig:
     mlp_ratio: float = 2.0  # FFN hidden width = mlp_ratio * dim
     patch_size: int | None = None  # square patch side in pixels dividing the image size; null = smallest with <= 49 tokens
     activation: str = "gelu"  # FFN activation: gelu, relu or silu
+    position: str = "absolute"  # absolute: sine-cosine code added to tokens; rope: rotary positions in attention only (routers see content, not position)
+    stem: str = "patch"  # patch: one patch-sized convolution; conv: a small convolutional stem (Xiao et al. 2021)
     dropout: float = 0.0  # attention dropout
     moe_layers: list[int] = field(default_factory=list)  # blocks whose FFN is an MoE layer (e.g. [1, 3]); [] = dense
     num_experts: int = 8  # experts per MoE layer
     expert_hidden: int | None = None  # one expert's hidden width; null = the dense FFN's (mlp_ratio * dim)
     moe_k: list[int] = field(default_factory=list)  # k of each MoE layer, aligned with moe_layers; [] = the router's k
     group_images: int = 1  # images per routing group of the MoE layers: capacity, batch priority and balance losses act per group
+    router_context: float = 0.0  # share of each token's router input taken from its image's mean token (0 = the token alone)
     stack: list[str] = field(default_factory=list)  # e.g. [ssl, route, ssl]: sets depth and moe_layers; dense = a 1-block dense stage; [] = use them
     ssl_layers: int = 1  # dense transformer blocks in each ssl block of the stack
     depth_router: DepthRouterConfig = field(default_factory=DepthRouterConfig)  # model=vit_depth only: the pool, steps and halting
@@ -134,9 +138,23 @@ class ConsistencyConfig:
     """Augmentation consistency of routing (ssroute/objectives/routing_consistency.py)."""
 
     weight: float = 1.0  # weight of the routing-consistency loss (MoE models only); 0 = off
+    loss: str = "swapped"  # swapped: SwAV's swapped prediction with balanced targets; mutual_information: IIC over corresponding patches
     temperature: float = 0.1  # sharpening temperature of the targets made from the partner view
     balance: str = "sinkhorn"  # sinkhorn (balanced targets), entropy (usage-entropy bonus) or none
     entropy_weight: float = 1.0  # weight of the usage-entropy bonus when balance=entropy
+    partners: str = "hard"  # hard: the patch containing the mapped centre; soft: bilinear blend of the patches around it (grid)
+
+
+@dataclass
+class DenseConfig:
+    """Patch-level self-supervision on corresponding patches (ssroute/objectives/dense.py)."""
+
+    weight: float = 0.0  # weight of the dense loss on each stage's output tokens; 0 = off
+    loss: str = "vicreg"  # vicreg (VICRegL's local criterion) or ntxent (dense SimCLR)
+    proj_hidden: int = 128  # token projector hidden width
+    proj_dim: int = 64  # token projector output width
+    max_pairs: int = 1024  # corresponding pairs per step, sampled when more are valid (the projector's cost scales with it)
+    partners: str = "soft"  # soft: the bilinear blend of the other view's tokens at the mapped point; hard: the containing patch
 
 
 @dataclass
@@ -205,6 +223,7 @@ class PretrainConfig:
     patches: PatchesConfig = field(default_factory=PatchesConfig)  # configs/patches/*.yaml: patch selection
     ssl: SSLConfig = field(default_factory=SSLConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)  # patch-level SSL on corresponding patches
     superclass: SuperclassConfig = field(default_factory=SuperclassConfig)  # without labels: k-means clusters of the images
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     k_schedule: dict[str, Any] = field(default_factory=dict)  # e.g. {name: linear, start: 4, end: 1, steps: 1000}; {} = fixed k
@@ -320,6 +339,7 @@ def validate_common(cfg: Any) -> None:
     """Checks shared by pretraining and fine-tuning; names and sizes are checked when built."""
     _check(cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size} must be a positive integer.")
     _check(0.0 < cfg.data.test_fraction < 1.0, f"data.test_fraction={cfg.data.test_fraction} must be between 0 and 1.")
+    _check(0.0 <= cfg.data.get("val_fraction", 0.0) < 1.0, f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1); 0 evaluates on the test split.")
     _check(cfg.model.dim > 0 and cfg.model.depth > 0, "model.dim and model.depth must be positive integers.")
     _check(cfg.model.patch_size is None or cfg.model.patch_size > 0, f"model.patch_size={cfg.model.patch_size} must be a positive integer.")
     _check(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive.")
@@ -351,6 +371,12 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     _check(c.weight >= 0, f"consistency.weight={c.weight} must be >= 0 (0 turns the routing-consistency loss off).")
     _check(c.temperature > 0, f"consistency.temperature={c.temperature} must be positive.")
     _check(c.balance in ("sinkhorn", "entropy", "none"), f"consistency.balance={c.balance!r} is unknown; choose sinkhorn, entropy or none.")
+    _check(c.partners in ("hard", "soft"), f"consistency.partners={c.partners!r} is unknown; choose hard or soft.")
+    _check(c.loss in ("swapped", "mutual_information"), f"consistency.loss={c.loss!r} is unknown; choose swapped or mutual_information.")
+    d = cfg.dense
+    _check(d.weight >= 0, f"dense.weight={d.weight} must be >= 0 (0 turns the dense loss off).")
+    _check(d.loss in ("vicreg", "ntxent"), f"dense.loss={d.loss!r} is unknown; choose vicreg or ntxent.")
+    _check(d.partners in ("hard", "soft"), f"dense.partners={d.partners!r} is unknown; choose hard or soft.")
     _check(not (cfg.k_schedule and cfg.model.moe_k), "k_schedule and model.moe_k both set k; use model.moe_k for fixed k per layer or k_schedule for k over training.")
 
 

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from ssroute.data.base import UNLABELED, DataBundle, ImageSet, label_subset
+from ssroute.data.base import UNLABELED, DataBundle, ImageSet, label_subset, stratified_split
 from ssroute.data.digits import load_digits_bundle
 from ssroute.data.fashion_mnist import load_fashion_mnist_bundle
 from ssroute.data.image_folder import load_image_folder_bundle
@@ -30,7 +30,26 @@ def build_data(cfg, seed: int = 0) -> DataBundle:
         bundle.train = bundle.train.subset(range(min(cfg.train_subset, len(bundle.train))))
     if len(bundle.train) == 0:
         raise ConfigError(f"dataset {cfg.name!r} has no training images; check data.root.")
+    if cfg.get("val_fraction"):
+        hold_out_validation(bundle, cfg.val_fraction, seed)
     return bundle
+
+
+def hold_out_validation(bundle: DataBundle, fraction: float, seed: int) -> None:
+    """Replace the held-out split by a stratified ``fraction`` of the labelled training images (in place).
+
+    Recipes are tuned on this split; the test split is then scored once per reported run.
+    """
+    if not bundle.labeled:
+        raise ConfigError(f"data.val_fraction={fraction} needs labelled training images; dataset {bundle.name!r} has none.")
+    labelled = bundle.probe_train
+    train_idx, val_idx = stratified_split(labelled.labels.numpy(), fraction, seed)
+    if bundle.labeled_train is not None:  # unlabelled pretraining images stay; the labelled ones are split
+        bundle.labeled_train = labelled.subset(train_idx)
+    else:
+        bundle.train = labelled.subset(train_idx)
+    bundle.test = labelled.subset(val_idx)
+    bundle.held_out = "val"
 
 
 __all__ = ["DATASETS", "UNLABELED", "DataBundle", "ImageSet", "build_data", "label_subset"]

@@ -70,6 +70,7 @@ class DataBundle:
     mean: tuple[float, ...]  # per-channel mean of train images in [0, 1]
     std: tuple[float, ...]  # per-channel std of train images in [0, 1]
     labeled_train: ImageSet | None = None  # labelled train images when `train` is unlabelled (STL-10)
+    held_out: str = "test"  # what `test` holds: the test split, or "val" (data.val_fraction of the training images)
 
     @property
     def labeled(self) -> bool:

@@ -12,6 +12,12 @@ content mask (the same warp applied to an all-ones image,
 ``ssroute.data.views``); a patch counts when at least half of it is image
 content. Photometric augmentations do not move pixels and do not enter.
 
+Besides the containing patch, a grid correspondence also gives *soft
+partners*: the four view-2 patches around the mapped point with bilinear
+weights (:func:`partner_blend`), since the containing patch can be half a patch
+off and, after a zoom, cover a different area. Where the mapped point falls on
+a patch centre the blend is that patch alone.
+
 Coordinates are pixel indices: pixel ``(x, y)`` covers ``[x-0.5, x+0.5) x
 [y-0.5, y+0.5)``, as kornia's matrices and ``ssroute.layers.patch_embed``
 centres assume. Shapes: centres ``[batch, tokens, 2]`` (x, y); matrices
@@ -41,6 +47,46 @@ class Correspondence:
     partner: Tensor  # [batch, tokens] index of the partner token in the other view (0 where invalid)
     valid: Tensor  # [batch, tokens] the partner exists (the mapped centre lies inside the other view)
     mapped: Tensor  # [batch, tokens, 2] the centre mapped into the other view's pixels
+    neighbours: Tensor | None = None  # [batch, tokens, K] soft partners: other-view tokens around the mapped point
+    weights: Tensor | None = None  # [batch, tokens, K] their bilinear weights (sum to 1); None = the partner alone
+
+
+def partner_blend(values: Tensor, match: Correspondence, soft: bool = True) -> Tensor:
+    """Each token's partner value from the other view's ``values [batch, tokens, ...]``: the bilinear blend
+    of its soft partners (``soft`` and a grid correspondence), else the containing patch's value.
+
+    >>> import torch
+    >>> values = torch.tensor([[[0.0], [10.0], [20.0], [30.0]]])  # a 2x2 grid of 2-pixel patches
+    >>> match = grid_correspondence(torch.tensor([[[1.5, 0.5]]]), torch.eye(3)[None], torch.eye(3)[None], image_size=4, patch_size=2)
+    >>> partner_blend(values, match).tolist(), partner_blend(values, match, soft=False).tolist()  # halfway between patches 0 and 1
+    ([[[5.0]]], [[[10.0]]])
+    """
+    if not soft or match.neighbours is None:
+        index = match.partner.reshape(*match.partner.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+        return torch.gather(values, 1, index)
+    batch, tokens, k = match.neighbours.shape
+    index = match.neighbours.reshape(batch, tokens * k, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+    gathered = torch.gather(values, 1, index).view(batch, tokens, k, *values.shape[2:])
+    weights = match.weights.to(values.dtype).view(batch, tokens, k, *([1] * (values.dim() - 2)))
+    return (weights * gathered).sum(dim=2)
+
+
+def bilinear_cells(mapped: Tensor, image_size: int, patch_size: int) -> tuple[Tensor, Tensor]:
+    """``[batch, tokens, 2]`` points -> the 4 grid cells around each (row-major indices) and their bilinear
+    weights ``[batch, tokens, 4]``; cells off the grid get weight 0 and the rest are renormalised."""
+    side = image_size // patch_size
+    cell = (mapped - (patch_size - 1) / 2) / patch_size  # fractional cell coordinates (x, y)
+    low = torch.floor(cell)
+    frac = cell - low
+    dx = torch.tensor([0, 1, 0, 1], device=mapped.device)
+    dy = torch.tensor([0, 0, 1, 1], device=mapped.device)
+    cx, cy = low[..., :1].long() + dx, low[..., 1:].long() + dy  # [batch, tokens, 4]
+    wx = torch.where(dx == 1, frac[..., :1], 1 - frac[..., :1])
+    wy = torch.where(dy == 1, frac[..., 1:], 1 - frac[..., 1:])
+    on_grid = (cx >= 0) & (cx < side) & (cy >= 0) & (cy < side)
+    weights = wx * wy * on_grid
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return cy.clamp(0, side - 1) * side + cx.clamp(0, side - 1), weights
 
 
 def map_points(points: Tensor, matrix: Tensor) -> Tensor:
@@ -65,7 +111,8 @@ def grid_correspondence(centres: Tensor, matrix_from: Tensor, matrix_to: Tensor,
     valid = ((mapped >= -0.5) & (mapped < image_size - 0.5)).all(dim=-1)
     cell = cell.clamp(0, side - 1)
     partner = torch.where(valid, cell[..., 1] * side + cell[..., 0], torch.zeros_like(cell[..., 0]))
-    return Correspondence(partner, valid, mapped)
+    neighbours, weights = bilinear_cells(mapped, image_size, patch_size)
+    return Correspondence(partner, valid, mapped, neighbours, weights)
 
 
 def nearest_correspondence(

@@ -140,7 +140,12 @@ def evaluate_backbone(
         chosen.remove("plots")
     device = next(backbone.parameters()).device
     augment = ViewAugment(augment_cfg, data.channels, data.image_size, data.mean, data.std).to(device)
-    metrics: dict[str, Any] = {"data": data.name, "num_train": len(data.probe_train), "num_test": len(data.test) if data.test is not None else 0}
+    metrics: dict[str, Any] = {
+        "data": data.name,
+        "num_train": len(data.probe_train),
+        "num_test": len(data.test) if data.test is not None else 0,
+        "held_out": data.held_out,  # test, or val (data.val_fraction): which split the probes and routing metrics scored
+    }
     probes: dict[str, float] = {}
     if any(p in LABELLED for p in chosen):
         metrics.update(labelled_protocols(cfg, chosen, backbone, augment, data))

@@ -47,7 +47,6 @@ from ssroute.data.views import ViewAugment
 from ssroute.errors import ConfigError
 from ssroute.eval.agreement import RoutingAgreementMeter
 from ssroute.eval.features import evaluating
-from ssroute.models.aux import ForwardAux
 from ssroute.moe import moe_layers
 
 # Every family off: crops take the whole image, no flip, rotation, colour, blur or noise.
@@ -128,18 +127,6 @@ def normalisation_of(
     return tuple((-zero * std).tolist()), tuple(std.tolist())
 
 
-def split_views(aux: ForwardAux, batch: int) -> tuple[ForwardAux, ForwardAux]:
-    """The auxes of the two halves of a forward over ``torch.cat([view1, view2])`` (``batch`` images each)."""
-    halves = []
-    for half in (0, 1):
-        rows = slice(half * batch, (half + 1) * batch)
-        p = aux.patches
-        patches = replace(p, tokens=p.tokens[rows], centres=p.centres[rows], mask=None if p.mask is None else p.mask[rows],
-                          pool_weights=None if p.pool_weights is None else p.pool_weights[rows])  # fmt: skip
-        halves.append(ForwardAux({i: r.split(2)[half] for i, r in aux.routings.items()}, patches))
-    return halves[0], halves[1]
-
-
 def measure(backbone: nn.Module, augment: ViewAugment, images_uint8: Tensor, pairs: int, batch_size: int = 256) -> RoutingAgreementMeter:
     """Feed ``pairs`` rounds of two views of every image through ``backbone`` (as it is: the caller sets the mode) and meter every MoE block."""
     layers = moe_layers(backbone)
@@ -148,10 +135,9 @@ def measure(backbone: nn.Module, augment: ViewAugment, images_uint8: Tensor, pai
     for _ in range(pairs):
         for chunk in images_uint8.split(batch_size):
             views = augment(chunk, num_views=2)
-            _, aux = backbone(torch.cat(views.images), end=end)  # both views in one forward: routing groups are per image
-            auxes = split_views(aux, chunk.shape[0])
+            auxes = [backbone(view, end=end)[1] for view in views.images]  # one forward per view, as in training: groups never mix views
             match, _ = matches_of(views, [a.patches for a in auxes], backbone.patch_embed)
-            for block in aux.routings:
+            for block in auxes[0].routings:
                 meter.update(block, auxes[0].routings[block], auxes[1].routings[block], match.partner, match.valid)
     return meter
 

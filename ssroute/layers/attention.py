@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssroute.errors import ConfigError
+from ssroute.layers.rope import rotate
 
 ATTENTION_KINDS = ("softmax", "relu")
 
@@ -78,15 +79,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(inner, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``mask [batch, tokens]``: False marks padding no token may attend to (None = all tokens real)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``mask [batch, tokens]``: False marks padding no token may attend to (None = all tokens real);
+        ``rope``: the ``(cos, sin)`` rotation of queries and keys (``ssroute.layers.rope``; None = no rotation)."""
         batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if self.kind == "relu":
-            scores = qkv[0] @ qkv[1].transpose(-2, -1) / math.sqrt(self.head_dim)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
             weights = attention_weights(scores, None if mask is None else mask[:, None, :], "relu")
-            out = F.dropout(weights, self.dropout, self.training) @ qkv[2]
+            out = F.dropout(weights, self.dropout, self.training) @ v
         else:
             keys = None if mask is None else mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=keys, dropout_p=self.dropout if self.training else 0.0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim))

@@ -56,8 +56,9 @@ class TransformerBlock(nn.Module):
         self.routed = hasattr(ffn, "forward_with_routing")
         self.routed_attention = hasattr(self.attn, "forward_with_routing")
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        """``mask [batch, tokens]``: False marks padding that attention ignores (None = all tokens real).
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
+        """``mask [batch, tokens]``: False marks padding that attention ignores (None = all tokens real);
+        ``rope``: the rotary position code of the tokens (``ssroute.layers.rope``; None = positions are in the tokens).
 
         Returns the tokens and the FFN's routing (None for a dense FFN).
         """
@@ -67,7 +68,7 @@ class TransformerBlock(nn.Module):
             if not self.routed:
                 return x + self.ffn(self.norm2(x)), routing
         else:
-            x = x + self.attn(self.norm1(x), mask)
+            x = x + self.attn(self.norm1(x), mask, rope)
         if self.routed:
             y, routing = self.ffn.forward_with_routing(self.norm2(x))
             return x + y, routing

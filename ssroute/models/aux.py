@@ -38,6 +38,7 @@ class ForwardAux:
         losses: auxiliary losses by name, each a scalar that joins the training
             loss: ``router_aux`` (the trainable MoE layers' balance and z losses),
             ``ponder`` (sequential patch selection), ``depth_ponder`` (ACT over depth).
+        tokens: ``[batch, tokens, dim]`` after the last block that ran (before the pool's norm).
         block_tokens: ``[batch, tokens, dim]`` after each block that ran, when asked for.
         depth: routing over depth only (``model=vit_depth``): this forward's
             choices (:class:`~ssroute.models.depth_router.DepthTrace`).
@@ -46,6 +47,7 @@ class ForwardAux:
     routings: dict[int, Routing] = field(default_factory=dict)
     patches: Patches | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
+    tokens: Tensor | None = None
     block_tokens: list[Tensor] | None = None
     depth: Any = None
 

@@ -49,6 +49,8 @@ def check_model(cfg) -> None:
     if model.moe_k and len(model.moe_k) != len(model.moe_layers):
         raise ConfigError(f"model.moe_k={list(model.moe_k)} must give one k per entry of model.moe_layers={list(model.moe_layers)}.")
     moa = set((model.get("moa") or {}).get("layers") or [])
+    if moa and model.get("position", "absolute") == "rope":
+        raise ConfigError("model.moa.layers with model.position=rope: the mixture of attention heads does not rotate its queries and keys; use model.position=absolute.")
     if moa & set(model.moe_layers) or any(not 0 <= i < model.depth for i in moa):
         raise ConfigError(
             f"model.moa.layers={sorted(moa)} must name blocks below model.depth whose FFN is dense (not in model.moe_layers={list(model.moe_layers)})."

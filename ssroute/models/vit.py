@@ -39,6 +39,7 @@ from ssroute.errors import ConfigError
 from ssroute.layers.block import TransformerBlock
 from ssroute.layers.mlp import FeedForward
 from ssroute.layers.patch_embed import PatchEmbed
+from ssroute.layers.rope import AxialRope
 from ssroute.models.aux import ForwardAux, router_aux_loss
 from ssroute.models.registry import check_model, register_model
 from ssroute.patches.base import Patches, PatchSelector
@@ -75,6 +76,9 @@ class ViT(nn.Module):
         dropout: attention dropout.
         ffn_factory: ``layer index -> FFN module``; default a dense :class:`FeedForward`.
         selector: which patches become tokens (``ssroute.patches``); None = the non-overlapping grid.
+        position: ``absolute`` (a sine-cosine code added to the tokens) or ``rope`` (rotary positions in
+            attention only: tokens stay translation-equivariant, so routers see content, not position).
+        stem: ``patch`` (one patch-sized convolution) or ``conv`` (a small convolutional stem).
         head_dim: width of one attention head; None = ``dim / heads``.
         block_heads: attention heads of each block (a pruned model); None = ``heads`` in every block.
         position_dims, position_width: the coordinates of a wider position code a model pruned over its
@@ -97,6 +101,8 @@ class ViT(nn.Module):
         dropout: float = 0.0,
         ffn_factory: Callable[[int], nn.Module] | None = None,
         selector: PatchSelector | None = None,
+        position: str = "absolute",
+        stem: str = "patch",
         head_dim: int | None = None,
         block_heads: list[int] | None = None,
         position_dims: list[int] | None = None,
@@ -112,7 +118,8 @@ class ViT(nn.Module):
         block_heads = [heads] * depth if block_heads is None else list(block_heads)
         if len(block_heads) != depth:
             raise ConfigError(f"model.shape.heads={block_heads} must give one head count per block (model.depth={depth}).")
-        self.patch_embed = PatchEmbed(channels, patch_size, dim, image_size, selector, position_dims, position_width)
+        self.patch_embed = PatchEmbed(channels, patch_size, dim, image_size, selector, position, stem, position_dims, position_width)
+        self.rope = AxialRope(head_dim or dim // heads, patch_size) if position == "rope" else None
         with warnings.catch_warnings():  # a pruned block may keep no heads or hidden units: empty weights initialise to nothing
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
             attn_of = attn_factory or (lambda layer: None)
@@ -158,24 +165,29 @@ class ViT(nn.Module):
         with torch.no_grad() if frozen_below > 0 else nullcontext():
             aux.patches = patch_embed.embed(images)
             x = self._run(aux.patches.tokens, self.blocks[:frozen_below], 0, aux)
-        x = self._run(x, trainable, frozen_below, aux)
+        x = aux.tokens = self._run(x, trainable, frozen_below, aux)
         aux.losses.update(router_aux_loss(aux.routings, frozen_below))
         if aux.patches.aux_loss is not None:
             aux.losses["ponder"] = aux.patches.aux_loss
         return self.pool(x, aux.patches.pool_weights, norm), aux
 
     def _run(self, x: torch.Tensor, blocks, first: int, aux: ForwardAux) -> torch.Tensor:
+        rope = None if self.rope is None else self.rope(aux.patches.centres)
         for index, block in enumerate(blocks, start=first):
-            x, routing = block(x, aux.patches.mask)
+            x, routing = block(x, aux.patches.mask, rope)
             if routing is not None:
                 aux.routings[index] = routing
             if aux.block_tokens is not None:
                 aux.block_tokens.append(x)
         return x
 
-    def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Embedded tokens ``[batch, tokens, dim]`` through every block and the pool; ``mask`` False = padding."""
-        aux = ForwardAux(patches=Patches(tokens, tokens.new_zeros(*tokens.shape[:2], 2), mask, weights))
+    def encode(
+        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None, centres: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embedded tokens ``[batch, tokens, dim]`` through every block and the pool; ``mask`` False = padding;
+        ``centres [batch, tokens, 2]`` the patches' centres (rotary positions; None = all at the origin)."""
+        centres = tokens.new_zeros(*tokens.shape[:2], 2) if centres is None else centres
+        aux = ForwardAux(patches=Patches(tokens, centres, mask, weights))
         return self.pool(self._run(tokens, self.blocks, 0, aux), weights, self.norm)
 
     def embed(self, images: torch.Tensor) -> Patches:
@@ -240,6 +252,7 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
             router_options=router,
             expert_options=experts,
             group_images=model.get("group_images", 1),
+            router_context=model.get("router_context", 0.0),
         )
 
     return ViT(
@@ -254,6 +267,8 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
         activation=model.activation,
         dropout=model.dropout,
         ffn_factory=ffn,
+        position=model.get("position", "absolute"),
+        stem=model.get("stem", "patch"),
         head_dim=shape.get("head_dim"),
         block_heads=list(shape["heads"]) if shape.get("heads") else None,
         position_dims=list(shape["position_dims"]) if shape.get("position_dims") else None,

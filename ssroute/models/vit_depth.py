@@ -38,6 +38,7 @@ class DepthRoutedViT(ViT):
         activation: FFN activation.
         dropout: attention dropout.
         selector: which patches become tokens (``ssroute.patches``); None = the grid.
+        stem: ``patch`` or ``conv`` (``ssroute.layers.patch_embed``).
         **routing: :class:`DepthRoutedStack` options (pool_blocks, identity_blocks, max_steps, halting, ...).
     """
 
@@ -52,9 +53,10 @@ class DepthRoutedViT(ViT):
         activation: str = "gelu",
         dropout: float = 0.0,
         selector: PatchSelector | None = None,
+        stem: str = "patch",
         **routing,
     ) -> None:
-        super().__init__(image_size, channels, dim, 0, heads, patch_size, mlp_ratio, activation, dropout, selector=selector)
+        super().__init__(image_size, channels, dim, 0, heads, patch_size, mlp_ratio, activation, dropout, selector=selector, stem=stem)
         self.stack = DepthRoutedStack(dim, heads, mlp_ratio=mlp_ratio, activation=activation, dropout=dropout, **routing)
 
     def forward(self, images: Tensor, *, end: int | None = None, frozen_below: int = 0, segment=None, keep_blocks: bool = False) -> tuple[Tensor, ForwardAux]:
@@ -65,7 +67,7 @@ class DepthRoutedViT(ViT):
         patches = self.embed(images)
         outputs: list[Tensor] | None = [] if keep_blocks else None
         x, trace = self.stack(patches.tokens, patches.mask, patches.pool_weights, steps=end, outputs=outputs)
-        aux = ForwardAux(patches=patches, block_tokens=outputs, depth=trace)
+        aux = ForwardAux(patches=patches, tokens=x, block_tokens=outputs, depth=trace)
         if trace.ponder_loss is not None and torch.is_grad_enabled():
             aux.losses["depth_ponder"] = trace.ponder_loss
         if patches.aux_loss is not None:
@@ -80,6 +82,10 @@ def build_depth_routed_vit(cfg, image_size: int, channels: int, selector: PatchS
     if model.moe_layers or model.stack:
         raise ConfigError(
             "model=vit_depth routes whole blocks over depth and has no MoE FFN or stack; drop model.moe_layers and model.stack."
+        )
+    if model.get("position", "absolute") != "absolute":
+        raise ConfigError(
+            f"model=vit_depth adds positions to the tokens (model.position=absolute); its routed steps do not take rotary positions (got {model.position})."
         )
     schedule = cfg.get("schedule")
     if schedule is not None and schedule.name != "end_to_end":
@@ -96,6 +102,7 @@ def build_depth_routed_vit(cfg, image_size: int, channels: int, selector: PatchS
         activation=model.activation,
         dropout=model.dropout,
         selector=selector,
+        stem=model.get("stem", "patch"),
         pool_blocks=depth.pool_blocks or model.depth,
         identity_blocks=depth.identity_blocks,
         max_steps=depth.max_steps or model.depth,

@@ -48,9 +48,12 @@ class MoELayer(nn.Module):
         router: a :class:`~ssroute.routing.Router`.
         experts: an :class:`~ssroute.experts.ExpertBank` with as many experts.
         group_images: images per routing group (capacity and balance act per group).
+        router_context: share of each token's router input taken from its image's mean token,
+            ``(1 - c) x + c mean(x)``: 0 = the token alone; more = decisions that the image's
+            content as a whole informs (the experts still run on the token itself).
     """
 
-    def __init__(self, router: Router, experts: ExpertBank, group_images: int = 1) -> None:
+    def __init__(self, router: Router, experts: ExpertBank, group_images: int = 1, router_context: float = 0.0) -> None:
         super().__init__()
         if router.num_experts != experts.num_experts or router.dim != experts.dim:
             raise ConfigError(
@@ -59,6 +62,9 @@ class MoELayer(nn.Module):
             )
         if group_images < 1:
             raise ConfigError(f"group_images={group_images} must be a positive number of images per routing group.")
+        if not 0.0 <= router_context <= 1.0:
+            raise ConfigError(f"router_context={router_context} must be in [0, 1] (0 = each token routes on itself).")
+        self.router_context = router_context
         self.router = router
         self.experts = experts
         self.num_experts = experts.num_experts
@@ -77,7 +83,10 @@ class MoELayer(nn.Module):
         batch, tokens, dim = x.shape
         flat = x.reshape(batch * tokens, dim)
         group = tokens * (self.group_images if batch % self.group_images == 0 else 1)  # a ragged batch routes per image
-        routing = self.router(flat, tokens_per_group=group)
+        router_in = flat
+        if self.router_context:
+            router_in = torch.lerp(x, x.mean(dim=1, keepdim=True), self.router_context).reshape(batch * tokens, dim)
+        routing = self.router(router_in, tokens_per_group=group)
         return self.execute(flat, routing).view(batch, tokens, dim), routing
 
     def execute(self, flat: Tensor, routing: Routing) -> Tensor:
@@ -162,6 +171,7 @@ def build_moe(
     router_options: dict[str, Any] | None = None,
     expert_options: dict[str, Any] | None = None,
     group_images: int = 1,
+    router_context: float = 0.0,
     **options: Any,
 ) -> MoELayer:
     """Build an MoE layer; each keyword option goes to the router or the experts, by name.
@@ -192,4 +202,5 @@ def build_moe(
         build_router(router, dim=dim, num_experts=num_experts, **router_opts),
         build_experts(experts, dim=dim, hidden=hidden, num_experts=num_experts, **expert_opts),
         group_images=group_images,
+        router_context=router_context,
     )

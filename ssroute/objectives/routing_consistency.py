@@ -31,7 +31,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from ssroute.data.correspondence import Correspondence
+from ssroute.data.correspondence import Correspondence, partner_blend
+from ssroute.objectives.routing_mutual_information import symmetric_mutual_information_loss
 from ssroute.routing import Routing
 from ssroute.routing.image import ImageRouting
 
@@ -62,9 +63,8 @@ def sinkhorn_targets(probs: Tensor, temperature: float, iterations: int = 30) ->
     return log_q.exp().to(probs.dtype)
 
 
-def _swapped_cross_entropy(student: Tensor, teacher: Tensor, partner: Tensor, valid: Tensor, temperature: float, balance: str) -> Tensor:
-    """Cross-entropy of ``student`` rows to targets built from their partners in ``teacher``."""
-    partner_probs = torch.gather(teacher, 1, partner.unsqueeze(-1).expand(-1, -1, teacher.shape[-1]))
+def _swapped_cross_entropy(student: Tensor, partner_probs: Tensor, valid: Tensor, temperature: float, balance: str) -> Tensor:
+    """Cross-entropy of ``student`` rows to targets built from ``partner_probs``, their partners' distributions."""
     rows_student = student[valid]
     rows_teacher = partner_probs[valid].detach()
     if rows_student.shape[0] == 0:
@@ -106,16 +106,35 @@ def routing_consistency_loss(
         balance: ``sinkhorn`` (balanced targets), ``entropy`` (minus usage entropy added) or ``none``.
         entropy_weight: weight of the usage-entropy term when ``balance="entropy"``.
     """
+    return swapped_prediction(probs1, _gather(probs2, partner12), valid12, probs2, _gather(probs1, partner21), valid21, temperature, balance, entropy_weight)
+
+
+def _gather(probs: Tensor, partner: Tensor) -> Tensor:
+    return torch.gather(probs, 1, partner.unsqueeze(-1).expand(-1, -1, probs.shape[-1]))
+
+
+def swapped_prediction(
+    probs1: Tensor,
+    partners1: Tensor,
+    valid1: Tensor,
+    probs2: Tensor,
+    partners2: Tensor,
+    valid2: Tensor,
+    temperature: float = 0.1,
+    balance: str = "sinkhorn",
+    entropy_weight: float = 1.0,
+) -> Tensor:
+    """The symmetric loss given each token's partner distribution: ``partners1 [batch, tokens, experts]`` is the
+    view-2 distribution paired with each view-1 token (a containing patch, or a blend of soft partners), and so on."""
     if balance not in ("sinkhorn", "entropy", "none"):
         from ssroute.errors import ConfigError
 
         raise ConfigError(f"routing consistency balance={balance!r} is unknown; choose sinkhorn, entropy or none.")
     loss = 0.5 * (
-        _swapped_cross_entropy(probs1, probs2, partner12, valid12, temperature, balance)
-        + _swapped_cross_entropy(probs2, probs1, partner21, valid21, temperature, balance)
+        _swapped_cross_entropy(probs1, partners1, valid1, temperature, balance) + _swapped_cross_entropy(probs2, partners2, valid2, temperature, balance)
     )
     if balance == "entropy":
-        loss = loss - entropy_weight * 0.5 * (batch_usage_entropy(probs1, valid12) + batch_usage_entropy(probs2, valid21))
+        loss = loss - entropy_weight * 0.5 * (batch_usage_entropy(probs1, valid1) + batch_usage_entropy(probs2, valid2))
     return loss
 
 
@@ -163,9 +182,13 @@ def consistency_over_blocks(
 ) -> Tensor | None:
     """Mean swapped-prediction loss over the routed ``blocks`` between two views' routings (None if none ran).
 
-    Patches are partnered by ``matches``; routings of whole images (:class:`ImageRouting`) take the
-    image-level variant, where the two views of an image are partners. ``cfg``: ``temperature``,
-    ``balance``, ``entropy_weight`` (``ssroute.config.ConsistencyConfig``).
+    Patches are partnered by ``matches`` — with ``cfg.partners == "soft"`` a patch's partner distribution
+    is the bilinear blend of the other view's patches around the exact mapped point
+    (:func:`~ssroute.data.correspondence.partner_blend`); routings of whole images (:class:`ImageRouting`)
+    take the image-level variant, where the two views of an image are partners. ``cfg.loss`` picks the swapped
+    prediction (``swapped``) or the mutual information of the pairs' experts (``mutual_information``,
+    :mod:`ssroute.objectives.routing_mutual_information`). ``cfg``: ``loss``, ``temperature``,
+    ``balance``, ``entropy_weight``, ``partners`` (``ssroute.config.ConsistencyConfig``).
     """
     m12, m21 = matches
     options = {"temperature": cfg.temperature, "balance": cfg.balance, "entropy_weight": cfg.entropy_weight}
@@ -179,5 +202,10 @@ def consistency_over_blocks(
             losses.append(image_routing_consistency_loss(first.image_probs, second.image_probs, **options))
         else:
             probs1, probs2 = (r.probs.view(batch, -1, r.num_experts) for r in (first, second))
-            losses.append(routing_consistency_loss(probs1, probs2, m12.partner, m12.valid, m21.partner, m21.valid, **options))
+            soft = getattr(cfg, "partners", "hard") == "soft"
+            partners1, partners2 = partner_blend(probs2, m12, soft), partner_blend(probs1, m21, soft)
+            if getattr(cfg, "loss", "swapped") == "mutual_information":
+                losses.append(symmetric_mutual_information_loss(probs1, partners1, m12.valid, probs2, partners2, m21.valid))
+            else:
+                losses.append(swapped_prediction(probs1, partners1, m12.valid, probs2, partners2, m21.valid, **options))
     return torch.stack(losses).mean() if losses else None

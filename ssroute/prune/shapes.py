@@ -61,8 +61,9 @@ class ModelShape:
     """A ViT's prunable sizes and the structures it supports (name -> why not, for the others)."""
 
     dim: int
-    patch_pixels: int  # inputs of the patch projection per token dimension (channels * patch_size^2)
+    stem_per_dim: int  # patch-stem parameters per token dimension (channels * patch_size^2 weights + a bias); 0 for a conv stem
     blocks: list[BlockShape]
+    fixed_params: int = 0  # parameters outside the blocks no structure touches (a convolutional stem, a selector's)
     supported: set[str] = field(default_factory=set)
     unsupported: dict[str, str] = field(default_factory=dict)
 
@@ -77,10 +78,11 @@ def _ffn_shape(ffn: nn.Module, heads: int, head_dim: int) -> tuple[BlockShape, s
         block.router_params = sum(p.numel() for p in router.parameters())
         if router.name == "mlp_selection":
             block.router_hidden = router.mlp[0].out_features
-        return (
-            block,
-            None if router.name in NARROWABLE_ROUTERS else f"router {router.name} has width-dependent weights the pruning cannot narrow",
-        )
+        if router.name not in NARROWABLE_ROUTERS:
+            return block, f"router {router.name} has width-dependent weights the pruning cannot narrow"
+        if getattr(getattr(router, "gate", None), "cosine_scale", None) is not None:
+            return block, "a cosine router gate normalises over the whole width, so narrowing it changes the routing"
+        return block, None
     params = sum(p.numel() for p in ffn.parameters())
     return BlockShape(
         heads, head_dim, "other", 0, fixed_params=params
@@ -104,7 +106,10 @@ def describe(backbone: nn.Module) -> ModelShape:
         if reason:
             reasons.append(reason)
     proj = backbone.patch_embed.proj
-    shape = ModelShape(backbone.dim, proj.weight[0].numel(), blocks)
+    patch_stem = isinstance(proj, nn.Conv2d)
+    per_dim = proj.weight[0].numel() + 1 if patch_stem else 0
+    extra = sum(p.numel() for p in backbone.parameters()) - sum(p.numel() for p in backbone.blocks.parameters()) - (per_dim + 2) * backbone.dim
+    shape = ModelShape(backbone.dim, per_dim, blocks, fixed_params=extra)
     shape.supported = {"mha", "heads"}
     if any(b.kind != "other" for b in blocks):
         shape.supported |= {"ffn", "units"}
@@ -114,10 +119,10 @@ def describe(backbone: nn.Module) -> ModelShape:
         shape.supported.add("experts")
     else:
         shape.unsupported["experts"] = "no MoE layer has a router that can mask experts (token_choice or trained mlp_selection)"
-    extra = sum(p.numel() for p in backbone.parameters()) - sum(p.numel() for p in backbone.blocks.parameters())
-    extra -= proj.weight.numel() + proj.bias.numel() + 2 * backbone.dim
     if reasons:
         shape.unsupported["hidden"] = reasons[0]
+    elif not patch_stem:
+        shape.unsupported["hidden"] = "the convolutional stem (model.stem=conv) has width-dependent weights the pruning cannot narrow"
     elif extra:
         shape.unsupported["hidden"] = "the patch selector has width-dependent weights"
     else:

@@ -48,7 +48,7 @@ def param_count(shape: ModelShape, keep: Mapping[str, Tensor]) -> dict[str, Tens
 
     dim = kept("hidden", shape.dim)
     mha, ffn = keep.get("mha"), keep.get("ffn")
-    out = {"total": dim * shape.patch_pixels + dim + 2 * dim}  # patch projection (weight, bias) and the final norm
+    out = {"total": dim * shape.stem_per_dim + 2 * dim + shape.fixed_params}  # patch stem, the final norm, what nothing prunes
     for i, b in enumerate(shape.blocks):
         heads = kept(f"heads_{i}", b.heads) * (mha[i] if mha is not None else 1.0)
         attn = 2 * dim + 4 * b.head_dim * heads * dim + 3 * b.head_dim * heads + dim  # norm1, qkv + proj weights, qkv bias, proj bias

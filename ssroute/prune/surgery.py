@@ -50,8 +50,10 @@ def prune_state(backbone: nn.Module, shape: ModelShape, z: dict[str, Tensor]) ->
     norm = lambda prefix: out.update(
         {f"{prefix}.weight": state[f"{prefix}.weight"][dims] * zh, f"{prefix}.bias": state[f"{prefix}.bias"][dims] * zh}
     )  # noqa: E731
-    out["patch_embed.proj.weight"] = state["patch_embed.proj.weight"][dims]
-    out["patch_embed.proj.bias"] = state["patch_embed.proj.bias"][dims]
+    out.update({k: v for k, v in state.items() if k.startswith("patch_embed.")})  # a conv stem (never narrowed) as it is
+    if "hidden" in z:  # the patch stem's rows of the kept coordinates
+        out["patch_embed.proj.weight"] = state["patch_embed.proj.weight"][dims]
+        out["patch_embed.proj.bias"] = state["patch_embed.proj.bias"][dims]
     norm("norm")
     heads_kept, widths, experts_kept = [], [], []
     for i, b in enumerate(shape.blocks):

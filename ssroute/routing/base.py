@@ -119,35 +119,6 @@ class Routing:
         mass = self.executed_mass()
         return mass / mass.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
-    def split(self, parts: int) -> list[Routing]:
-        """The routings of ``parts`` equal runs of tokens (e.g. the two views of one forward over both), each on its own
-        token indices. Parts must hold whole routing groups."""
-        rows = self.num_tokens // parts
-        if rows * parts != self.num_tokens or rows % self.tokens_per_group:
-            raise ValueError(f"cannot split {self.num_tokens} tokens in groups of {self.tokens_per_group} into {parts} equal parts")
-        out = []
-        part_of = torch.div(self.token, rows, rounding_mode="floor")
-        for i in range(parts):
-            mine = part_of == i
-            fields_ = {f.name: getattr(self, f.name) for f in fields(self)}
-            fields_.update(
-                probs=self.probs[i * rows : (i + 1) * rows],
-                token=self.token[mine] - i * rows,
-                expert=self.expert[mine],
-                weight=self.weight[mine],
-                num_dropped=rows - (torch.bincount(self.token[mine] - i * rows, minlength=rows) > 0).sum(),
-            )
-            groups = rows // self.tokens_per_group
-            for name in ("dispatch_weights", "combine_weights"):
-                if fields_[name] is not None:
-                    fields_[name] = fields_[name][i * groups : (i + 1) * groups]
-            out.append(self._split_extra(replace(self, **fields_), i, parts))
-        return out
-
-    def _split_extra(self, part: Routing, index: int, parts: int) -> Routing:
-        """Subclasses with extra per-image fields split them here."""
-        return part
-
     def detach(self) -> Routing:
         return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self) if isinstance(getattr(self, f.name), Tensor)})
 

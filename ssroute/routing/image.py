@@ -30,7 +30,7 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -48,12 +48,6 @@ class ImageRouting(Routing):
     image_probs: Tensor | None = None
     pooled: Tensor | None = None
 
-    def _split_extra(self, part: Routing, index: int, parts: int) -> Routing:
-        images = self.image_probs.shape[0] // parts
-        rows = slice(index * images, (index + 1) * images)
-        return replace(part, image_probs=self.image_probs[rows], pooled=None if self.pooled is None else self.pooled[rows])
-
-
 @register_router("image")
 class ImageRouter(NoisyTopKRouter):
     """Top-k experts per image from the mean of its tokens (Mobile V-MoE).
@@ -68,6 +62,7 @@ class ImageRouter(NoisyTopKRouter):
         load_weight: weight of the load loss over images.
         z_loss_weight: weight of the router z-loss.
         normalize_weights: rescale an image's kept top-k gates to sum to 1 (needs k >= 2).
+        cosine_scale: None = a linear gate; a number = a cosine gate with this scale.
     """
 
     per_token = False
@@ -82,8 +77,9 @@ class ImageRouter(NoisyTopKRouter):
         load_weight: float = 0.005,
         z_loss_weight: float = 0.0,
         normalize_weights: bool = False,
+        cosine_scale: float | None = None,
     ) -> None:
-        super().__init__(dim, num_experts, k, noise_std, importance_weight, load_weight, z_loss_weight, normalize_weights)
+        super().__init__(dim, num_experts, k, noise_std, importance_weight, load_weight, z_loss_weight, normalize_weights, cosine_scale)
 
     def flops_per_token(self, tokens_per_group: int) -> float:
         # the mean pool adds each token once; the gate runs once per image, shared by its tokens

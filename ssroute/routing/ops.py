@@ -48,3 +48,34 @@ def randn_like_experts(logits: Tensor) -> Tensor:
     if logits.t().is_contiguous():
         return torch.randn(logits.t().shape, dtype=logits.dtype, device=logits.device).t()
     return torch.randn_like(logits)
+
+
+class LinearGate(nn.Linear):
+    """A bias-free linear gate ``[tokens, dim] -> [tokens, experts]`` logits (as a view of ``[experts, tokens]``).
+
+    With ``cosine_scale`` set, the logits are ``scale * cos(token, w_e)``: tokens and expert
+    vectors are L2-normalised first, as SwAV's prototypes (Caron et al. 2020) and X-MoE's
+    cosine router (Chi et al. 2022, arXiv 2204.09179). Confidence then comes from
+    direction alone and is bounded by the scale, so a router cannot buy sharp
+    distributions with large weights, and weight decay does not flatten it.
+
+    >>> import torch
+    >>> gate = LinearGate(4, 3, cosine_scale=10.0)
+    >>> bool(gate(torch.randn(5, 4)).abs().max() <= 10.0 + 1e-5)
+    True
+
+    Args:
+        dim: token width.
+        num_experts: experts ``E``.
+        cosine_scale: None = a plain linear gate; a number = the cosine gate's scale (inverse temperature).
+    """
+
+    def __init__(self, dim: int, num_experts: int, cosine_scale: float | None = None) -> None:
+        super().__init__(dim, num_experts, bias=False)
+        self.cosine_scale = cosine_scale
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if self.cosine_scale is None:
+            return (self.weight @ tokens.t()).t()
+        weight = nn.functional.normalize(self.weight, dim=-1)
+        return (weight @ nn.functional.normalize(tokens, dim=-1).t()).t() * self.cosine_scale

@@ -18,13 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ssroute.errors import ConfigError
 from ssroute.routing.base import Router, Routing, check_capacity_factor, check_k, register_router, sparse_routing
 from ssroute.routing.capacity import choice_order, expert_capacity, within_capacity
 from ssroute.routing.losses import balance_losses
-from ssroute.routing.ops import gate_logits, randn_like_experts, softmax_experts, top_experts
+from ssroute.routing.ops import LinearGate, randn_like_experts, softmax_experts, top_experts
 from ssroute.routing.sinkhorn import sinkhorn
 
 
@@ -78,6 +78,7 @@ class NoisyTopKRouter(Router):
         noise_std: std of Gaussian noise on the logits in training; None = ``1 / E`` (V-MoE), 0 = off.
         importance_weight, load_weight, z_loss_weight: weights of the importance, load and z losses.
         normalize_weights: rescale each row's kept top-k gates to sum to 1 (needs k >= 2).
+        cosine_scale: None = a linear gate; a number = a cosine gate with this scale (:class:`~ssroute.routing.ops.LinearGate`).
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class NoisyTopKRouter(Router):
         load_weight: float = 0.005,
         z_loss_weight: float = 0.0,
         normalize_weights: bool = False,
+        cosine_scale: float | None = None,
     ) -> None:
         super().__init__(dim, num_experts)
         self.k = check_k(self.name, k, num_experts)
@@ -99,7 +101,9 @@ class NoisyTopKRouter(Router):
         self.z_loss_weight = z_loss_weight
         self.normalize_weights = normalize_weights
         check_normalize(self.name, self.k, normalize_weights)
-        self.gate = nn.Linear(dim, num_experts, bias=False)
+        if cosine_scale is not None and cosine_scale <= 0:
+            raise ConfigError(f"router {self.name}: cosine_scale={cosine_scale} must be positive (or null for a linear gate).")
+        self.gate = LinearGate(dim, num_experts, cosine_scale)
 
     def set_k(self, k: int) -> None:
         check_normalize(self.name, k, self.normalize_weights)
@@ -136,6 +140,8 @@ class TokenChoiceRouter(NoisyTopKRouter):
         normalize_weights: rescale each token's kept top-k gates to sum to 1
             (needs k >= 2: with k = 1 every weight would be 1 and the router
             would get no gradient from the task).
+        cosine_scale: None = a linear gate; a number = a cosine gate with this
+            scale (normalised tokens and expert vectors, SwAV-style prototypes).
     """
 
     maskable_experts = True
@@ -152,8 +158,9 @@ class TokenChoiceRouter(NoisyTopKRouter):
         load_weight: float = 0.005,
         z_loss_weight: float = 0.0,
         normalize_weights: bool = False,
+        cosine_scale: float | None = None,
     ) -> None:
-        super().__init__(dim, num_experts, k, noise_std, importance_weight, load_weight, z_loss_weight, normalize_weights)
+        super().__init__(dim, num_experts, k, noise_std, importance_weight, load_weight, z_loss_weight, normalize_weights, cosine_scale)
         self.capacity_factor = check_capacity_factor(self.name, capacity_factor)
         self.batch_priority = batch_priority
 
@@ -164,7 +171,7 @@ class TokenChoiceRouter(NoisyTopKRouter):
     def forward(self, tokens: Tensor, tokens_per_group: int | None = None) -> Routing:
         n = self.group_size(tokens, tokens_per_group)
         noise = self.noise_std if self.training else 0.0
-        logits = gate_logits(self.gate, tokens)
+        logits = self.gate(tokens)
         if self.expert_logit_offset is not None:
             logits = logits + self.expert_logit_offset
         g = noisy_top_k(logits, self.k, noise, self.normalize_weights, selection=self.selection_scores(logits.detach(), n))

@@ -21,6 +21,7 @@ from ssroute.data import build_data, label_subset
 from ssroute.errors import ConfigError
 from ssroute.train.finetune_module import FinetuneModule
 from ssroute.train.run import build_trainer, find_resume_dir, finish_run, quiet_third_party_logs, resumed_config, save_config
+from ssroute.train.schedule import resolve_stack_model
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
                 cfg.data.name, cfg.data.root = pretrained["data"]["name"], pretrained["data"].get("root")
     elif cfg.checkpoint:
         _, backbone_state = load_pretrained(cfg.checkpoint)
+    if not cfg.checkpoint:  # from scratch: a stack (model=ssl_route_ssl) builds the blocks pretraining would
+        resolve_stack_model(cfg.model)
     data = build_data(cfg.data, cfg.seed)
     resolve_data_defaults(cfg, data.image_size, finetune=True)
     if not data.labeled:

@@ -33,6 +33,7 @@ from ssroute.errors import ConfigError
 from ssroute.models import build_backbone
 from ssroute.moe import moe_layers
 from ssroute.objectives import build_objective
+from ssroute.objectives.dense import DensePatchLoss
 from ssroute.objectives.routing_consistency import consistency_over_blocks
 from ssroute.train.base import NonFiniteLossError, ResumableModule
 from ssroute.train.optim import build_optimizer
@@ -49,6 +50,7 @@ class Phase:
     name: int | str  # the stage index, or "joint" when every stage trains
     encoder: Any  # images -> (features, aux): the backbone, or a StageEncoder over it
     objective: nn.Module  # the SSL objective (with its heads) of this phase
+    dense: nn.Module | None  # the phase's patch-level loss (None = off)
     first_block: int  # the first block that trains (routings of earlier blocks are frozen)
     end_block: int  # one past the last block that runs
 
@@ -75,6 +77,13 @@ class PretrainModule(ResumableModule):
             if self.plan.name == "layerwise_then_joint":  # then every stage, through a head that starts as the last stage's
                 self.encoders.append(StageEncoder(self.backbone, 0, self.stages[-1][1]))
         self.objectives = nn.ModuleList(build_objective(cfg.ssl.name, e, self.backbone.dim, cfg.ssl) for e in self.encoders)
+        dense = cfg.get("dense")
+        self.dense = None  # patch-level SSL per phase, on the phase's output tokens of corresponding patches
+        if dense is not None and dense.weight > 0:
+            self.dense = nn.ModuleList(
+                DensePatchLoss(self.backbone.dim, dense.proj_hidden, dense.proj_dim, dense.loss, dense.max_pairs, cfg.ssl.temperature, dense.partners == "soft")
+                for _ in self.encoders
+            )
         self.augment = ViewAugment(cfg.data.augment, data.channels, data.image_size, data.mean, data.std)
         layers = moe_layers(self.backbone)
         self.consistent_blocks = [i for i, m in layers.items() if m.router.learned] if cfg.consistency.weight > 0 else []
@@ -101,11 +110,12 @@ class PretrainModule(ResumableModule):
     def phase(self) -> Phase:
         """The encoder, objective and first trainable block of the current epoch."""
         name = self.plan.phase(self.current_epoch)
+        index = 0 if self.plan.name == "end_to_end" else len(self.stages) if name == "joint" else name
+        dense = None if self.dense is None else self.dense[index]
         if self.plan.name == "end_to_end":
-            return Phase(name, self.backbone, self.objectives[0], 0, self.backbone.depth)
-        index = len(self.stages) if name == "joint" else name
+            return Phase(name, self.backbone, self.objectives[0], dense, 0, self.backbone.depth)
         encoder = self.encoders[index]
-        return Phase(name, encoder, self.objectives[index], encoder.start, encoder.end)
+        return Phase(name, encoder, self.objectives[index], dense, encoder.start, encoder.end)
 
     def phase_progress(self) -> float:
         """Share of the current phase done, 0 -> 1 (momentum teachers ramp within their own phase)."""
@@ -149,8 +159,11 @@ class PretrainModule(ResumableModule):
         features, auxes = [f for f, _ in outputs], [a for _, a in outputs]
         losses = {"ssl": phase.objective(features, views.images, phase.encoder)}
         losses.update(mean_over_views([aux.losses for aux in auxes]))  # router balance, ponder costs
-        if self.consistent_blocks:
+        if self.consistent_blocks or phase.dense is not None:
             matches = matches_of(views, [a.patches for a in auxes], self.backbone.patch_embed)  # corresponding patches of views 1 and 2
+        if phase.dense is not None:
+            losses["dense"] = self.cfg.dense.weight * phase.dense(auxes[0].tokens, auxes[1].tokens, matches[0])
+        if self.consistent_blocks:
             blocks = [b for b in self.consistent_blocks if b >= phase.first_block]
             consistency = consistency_over_blocks((auxes[0].routings, auxes[1].routings), matches, blocks, self.cfg.consistency)
             if consistency is not None:

@@ -101,7 +101,18 @@ def stage_ranges(model) -> list[tuple[int, int]]:
 
 def resolve_stack(cfg) -> None:
     """Turn ``model.stack`` into ``model.depth`` / ``model.moe_layers`` and the schedule into epochs, in place."""
-    model = cfg.model
+    resolve_stack_model(cfg.model)
+    stages = len(stage_ranges(cfg.model))
+    total = cfg.trainer.max_epochs
+    per_block = cfg.schedule.epochs_per_block or max(1, total // (stages if cfg.schedule.name != "end_to_end" else 1))
+    plan = SchedulePlan(cfg.schedule.name, stages, per_block if cfg.schedule.name != "end_to_end" else total, cfg.schedule.joint_epochs)
+    cfg.schedule.epochs_per_block = plan.epochs_per_block
+    cfg.trainer.max_epochs = plan.total_epochs
+
+
+def resolve_stack_model(model) -> None:
+    """Turn ``model.stack`` into ``model.depth`` / ``model.moe_layers`` in place (a model trained from scratch
+    has the same blocks as the stack pretraining builds)."""
     if model.stack:
         unknown = [kind for kind in model.stack if kind not in BLOCK_KINDS]
         if unknown:
@@ -111,12 +122,6 @@ def resolve_stack(cfg) -> None:
         if model.moe_layers and list(model.moe_layers) != routed:
             raise ConfigError(f"model.moe_layers={list(model.moe_layers)} contradicts model.stack={list(model.stack)}; set only model.stack.")
         model.depth, model.moe_layers = ranges[-1][1], routed
-    stages = len(stage_ranges(model))
-    total = cfg.trainer.max_epochs
-    per_block = cfg.schedule.epochs_per_block or max(1, total // (stages if cfg.schedule.name != "end_to_end" else 1))
-    plan = SchedulePlan(cfg.schedule.name, stages, per_block if cfg.schedule.name != "end_to_end" else total, cfg.schedule.joint_epochs)
-    cfg.schedule.epochs_per_block = plan.epochs_per_block
-    cfg.trainer.max_epochs = plan.total_epochs
 
 
 def freeze_stages(backbone: nn.Module, stages: list[tuple[int, int]], first_trainable: int, last_trainable: int | None = None) -> None:

@@ -154,3 +154,28 @@ def test_pairs_with_a_patch_of_rotation_padding_are_invalid():
     assert torch.equal(checked.valid, plain.valid & (share1 >= 0.5) & torch.gather(content_share(views.content[1], centres, 4) >= 0.5, 1, plain.partner))
     # the content mask is exactly where the view shows the image: the photometric-free view is 200/255 there, 0 in the padding
     assert torch.allclose(views.images[0], views.content[0] * 200 / 255, atol=1e-4)
+
+
+def test_soft_partners_equal_the_hard_ones_when_mapped_points_fall_on_patch_centres():
+    centres = grid_centres(8, 2).expand(3, -1, -1)
+    shift = torch.stack([torch.eye(3), crop_scale(-2.0, 0.0, 1.0), crop_scale(0.0, 4.0, 1.0)])  # identity and whole-patch moves
+    match = grid_correspondence(centres, torch.eye(3).expand(3, 3, 3), shift, image_size=8, patch_size=2)
+    values = torch.randn(3, 16, 5)
+    from ssroute.data.correspondence import partner_blend
+
+    valid = match.valid
+    assert valid.any(dim=1).all()
+    assert torch.allclose(partner_blend(values, match)[valid], partner_blend(values, match, soft=False)[valid])
+
+
+def test_soft_partners_are_the_bilinear_blend_around_the_mapped_point():
+    from ssroute.data.correspondence import bilinear_cells, partner_blend
+
+    values = torch.arange(16.0).view(1, 16, 1)  # value = cell index on a 4x4 grid of 2-pixel patches
+    point = torch.tensor([[[1.0, 2.5]]])  # x a quarter of the way from cell column 0 to 1, y on row 1
+    neighbours, weights = bilinear_cells(point, image_size=8, patch_size=2)
+    assert torch.allclose(weights.sum(dim=-1), torch.ones(1, 1))
+    match = grid_correspondence(point, torch.eye(3)[None], torch.eye(3)[None], image_size=8, patch_size=2)
+    assert partner_blend(values, match).item() == pytest.approx(0.75 * 4 + 0.25 * 5)
+    _, edge = bilinear_cells(torch.tensor([[[-0.5, 0.5]]]), image_size=8, patch_size=2)  # left of the first column
+    assert edge[0, 0].tolist() == [0.0, 1.0, 0.0, 0.0]  # the off-grid cell gets no weight

@@ -117,3 +117,16 @@ def test_label_subset_keeps_a_share_of_every_class():
 
 def test_registry_is_complete():
     assert set(DATASETS.names()) == {"digits", "fashion_mnist", "cifar10", "stl10", "image_folder"}
+
+
+def test_val_fraction_holds_out_a_stratified_part_of_the_training_images():
+    plain = build_data(OmegaConf.structured(DataConfig()), seed=0)
+    tuned = build_data(OmegaConf.structured(DataConfig(val_fraction=0.25)), seed=0)
+    assert tuned.held_out == "val" and plain.held_out == "test"
+    assert len(tuned.train) + len(tuned.test) == len(plain.train)
+    train_images = {bytes(image.numpy()) for image in tuned.train.images}
+    assert not any(bytes(image.numpy()) in train_images for image in tuned.test.images[:50])  # no overlap
+    test_images = {bytes(image.numpy()) for image in plain.test.images}
+    assert not any(bytes(image.numpy()) in test_images for image in tuned.test.images)  # never the test split
+    shares = torch.bincount(tuned.test.labels, minlength=10).float() / len(tuned.test)
+    assert float((shares - torch.bincount(plain.train.labels, minlength=10).float() / len(plain.train)).abs().max()) < 0.02

@@ -181,3 +181,12 @@ def test_bad_input_is_a_config_error(pretrain_cfg, backbone, images):
         as_augment_config({"crop": 1.0})
     with pytest.raises(ConfigError, match="uint8"):
         augmentation_stability(backbone, DIGITS_AUGMENT, normalize, images.float(), pairs=1, strengths=[0.0], seed=0)
+
+
+def test_views_are_routed_in_their_own_forwards_when_groups_hold_several_images(pretrain_cfg, images):
+    """Routing groups of several images never mix the two views: without augmentation agreement is exact."""
+    torch.manual_seed(0)
+    grouped = build_backbone(pretrain_cfg([*MOE, "model.group_images=4"]), image_size=8, channels=1)
+    few = images[:6]  # 6 images: two views in one forward would make groups of 4 that straddle the views
+    result = augmentation_stability(grouped, OmegaConf.structured(DIGITS_AUGMENT), normalize, few, pairs=1, strengths=[0.0], seed=0)
+    assert result.metrics["block0/strength/0/routing_agreement"] == 1.0

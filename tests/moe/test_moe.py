@@ -125,3 +125,29 @@ def test_lazy_entry_point() -> None:
     import ssroute
 
     assert isinstance(ssroute.build_moe(dim=8, hidden=16, num_experts=2), MoELayer)
+
+
+def test_router_context_mixes_the_image_mean_into_the_router_input_only():
+    from ssroute.moe import build_moe
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 16)
+    plain = build_moe(dim=16, hidden=32, num_experts=4, capacity_factor=None, noise_std=0.0)
+    whole = build_moe(dim=16, hidden=32, num_experts=4, capacity_factor=None, noise_std=0.0, router_context=1.0)
+    whole.load_state_dict(plain.state_dict())
+    y_plain, r_plain = plain.forward_with_routing(x)
+    y_whole, r_whole = whole.forward_with_routing(x)
+    chosen = r_whole.executed_top1().view(3, 6)
+    assert bool((chosen == chosen[:, :1]).all())  # the image mean alone decides: one expert per image
+    assert not torch.allclose(y_whole[:, 0], y_whole[:, 1])  # the experts still run on each token
+    none = build_moe(dim=16, hidden=32, num_experts=4, capacity_factor=None, noise_std=0.0, router_context=0.0)
+    none.load_state_dict(plain.state_dict())
+    assert torch.equal(none(x), y_plain)
+
+
+def test_router_context_outside_zero_one_is_one_sentence():
+    from ssroute.errors import ConfigError
+    from ssroute.moe import build_moe
+
+    with pytest.raises(ConfigError, match="router_context=1.5"):
+        build_moe(dim=8, hidden=8, num_experts=2, router_context=1.5)

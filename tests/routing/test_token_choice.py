@@ -127,3 +127,23 @@ def test_losses() -> None:
     logits = torch.randn(50, 4, requires_grad=True)
     noisy_load_loss(logits, logits.detach() + 0.3 * torch.randn(50, 4), 0.3, 1).backward()
     assert logits.grad is not None and bool(logits.grad.abs().sum() > 0)
+
+
+def test_cosine_gate_ignores_the_token_norm_and_bounds_the_logits():
+    from ssroute.routing import build_router
+
+    torch.manual_seed(0)
+    router = build_router("token_choice", dim=8, num_experts=4, cosine_scale=5.0, noise_std=0.0, capacity_factor=None)
+    tokens = torch.randn(10, 8)
+    assert torch.allclose(router(tokens).probs, router(3.0 * tokens).probs, atol=1e-6)
+    assert float(router.gate(tokens).abs().max()) <= 5.0 + 1e-5
+    plain = build_router("token_choice", dim=8, num_experts=4, noise_std=0.0, capacity_factor=None)
+    assert not torch.allclose(plain(tokens).probs, plain(3.0 * tokens).probs, atol=1e-3)
+
+
+def test_cosine_scale_must_be_positive():
+    from ssroute.errors import ConfigError
+    from ssroute.routing import build_router
+
+    with pytest.raises(ConfigError, match="cosine_scale=0"):
+        build_router("token_choice", dim=8, num_experts=4, cosine_scale=0.0)
