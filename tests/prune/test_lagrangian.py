@@ -12,15 +12,15 @@ from ssroute.prune.sparsity import expected_sparsity, sparsity
 from tests.prune.helpers import build
 
 
-@pytest.mark.parametrize("target,structures", [(0.3, None), (0.6, None), (0.6, ["heads", "units", "hidden"])])
+@pytest.mark.parametrize("target,structures", [(0.3, None), (0.6, ["heads", "units", "hidden"])])
 def test_controller_reaches_the_target_on_a_toy_model(target: float, structures) -> None:
     torch.manual_seed(0)
-    vit, _ = build("token_choice")
+    vit, _ = build("token_choice", dim=16)
     masks = MaskSet(vit, structures, temperature=2.0 / 3.0).train()
-    controller = LagrangianController(target, warmup_steps=100)
-    optimizer = torch.optim.AdamW([*masks.parameters(), *controller.parameters()], lr=0.05, weight_decay=0.0)
+    controller = LagrangianController(target, warmup_steps=50)
+    optimizer = torch.optim.AdamW([*masks.parameters(), *controller.parameters()], lr=0.1, weight_decay=0.0)
     importance = {name: torch.rand(gate.shape) for name, gate in masks.gates.items()}  # what each structure is worth to the task
-    for step in range(800):
+    for step in range(400):
         keep = masks.keep_probabilities()
         expected = expected_sparsity(masks.shape, keep)
         # the task wants every structure kept, some more than others: without the controller nothing would be pruned
