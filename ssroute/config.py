@@ -140,9 +140,10 @@ class ConsistencyConfig:
     weight: float = 1.0  # weight of the routing-consistency loss (MoE models only); 0 = off
     loss: str = "swapped"  # swapped: SwAV's swapped prediction with balanced targets; mutual_information: IIC over corresponding patches
     temperature: float = 0.1  # sharpening temperature of the targets made from the partner view
-    balance: str = "sinkhorn"  # sinkhorn (balanced targets), entropy (usage-entropy bonus) or none
+    balance: str = "sinkhorn"  # sinkhorn (balanced targets), sinkhorn_position (balanced at every grid position), entropy (usage-entropy bonus) or none
     entropy_weight: float = 1.0  # weight of the usage-entropy bonus when balance=entropy
     partners: str = "hard"  # hard: the patch containing the mapped centre; soft: bilinear blend of the patches around it (grid)
+    teacher_momentum: float = 0.0  # > 0: targets from an EMA teacher's routing (DINO-style), momentum from this value to 1; 0 = the student's own
 
 
 @dataclass
@@ -196,6 +197,9 @@ class TrainerConfig:
     progress_bar: bool = True  # Lightning's progress bar
     log_every_n_steps: int = 10  # CSV/TensorBoard logging period
     limit_train_batches: Any = None  # Lightning's limit (int batches or float share); None = all
+    loggers: list[str] = field(default_factory=lambda: ["csv"])  # any of csv, tensorboard, wandb, mlflow (ssroute/train/loggers.py, docs/export.md)
+    log_project: str = "ssroute"  # W&B project / MLflow experiment the wandb and mlflow loggers write to
+    compile: bool = False  # torch.compile the backbone's dense parts (attention, dense FFNs); MoE layers stay eager
 
 
 @dataclass
@@ -319,6 +323,16 @@ def validate_prune(cfg: PruneConfig) -> None:
     _check(cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size} must be a positive integer.")
 
 
+@dataclass
+class ExportConfig:
+    """``python -m ssroute.export checkpoint=RUN out=DIR`` (ssroute/export/__main__.py, docs/export.md)."""
+
+    checkpoint: str | None = None  # pretraining or fine-tuning run folder, .ckpt file, or latest
+    out: str | None = None  # the folder to write; it must not exist yet (written in a temporary folder, then renamed)
+    format: str = "hub"  # hub: config.json + model.safetensors + README.md for ssroute.load; timm: a dense ViT for timm.create_model
+    push_to_hub: str | None = None  # Hugging Face Hub repository (user/name) to upload the folder to; needs huggingface_hub and a login
+
+
 def register_configs() -> None:
     """Register the schemas so Hydra type-checks the YAML groups against them."""
     from hydra.core.config_store import ConfigStore
@@ -328,6 +342,7 @@ def register_configs() -> None:
     cs.store(name="finetune_schema", node=FinetuneConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="prune_schema", node=PruneConfig)
+    cs.store(name="export_schema", node=ExportConfig)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -370,8 +385,16 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     c = cfg.consistency
     _check(c.weight >= 0, f"consistency.weight={c.weight} must be >= 0 (0 turns the routing-consistency loss off).")
     _check(c.temperature > 0, f"consistency.temperature={c.temperature} must be positive.")
-    _check(c.balance in ("sinkhorn", "entropy", "none"), f"consistency.balance={c.balance!r} is unknown; choose sinkhorn, entropy or none.")
+    _check(
+        c.balance in ("sinkhorn", "sinkhorn_position", "entropy", "none"),
+        f"consistency.balance={c.balance!r} is unknown; choose sinkhorn, sinkhorn_position, entropy or none.",
+    )
+    _check(
+        c.balance != "sinkhorn_position" or cfg.patches.name == "grid",
+        f"consistency.balance=sinkhorn_position balances each grid position; patches={cfg.patches.name} has no fixed positions, use consistency.balance=sinkhorn.",
+    )
     _check(c.partners in ("hard", "soft"), f"consistency.partners={c.partners!r} is unknown; choose hard or soft.")
+    _check(0.0 <= c.teacher_momentum < 1.0, f"consistency.teacher_momentum={c.teacher_momentum} must be in [0, 1); 0 = no teacher.")
     _check(c.loss in ("swapped", "mutual_information"), f"consistency.loss={c.loss!r} is unknown; choose swapped or mutual_information.")
     d = cfg.dense
     _check(d.weight >= 0, f"dense.weight={d.weight} must be >= 0 (0 turns the dense loss off).")

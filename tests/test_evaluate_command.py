@@ -74,7 +74,7 @@ def test_command_prints_the_folder_and_runs_only_the_protocols_asked(moe_run, tm
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == f"evaluation folder: {out}"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"data", "num_train", "num_test", "eval_time_s", "knn_top1", "retrieval/precision_at_1", "retrieval/map_at_r"}
+    assert set(metrics) == {"data", "num_train", "num_test", "held_out", "eval_time_s", "knn_top1", "retrieval/precision_at_1", "retrieval/map_at_r"}
     assert (out / "report.md").is_file() and not (ROOT / "outputs").exists()
 
 

@@ -34,6 +34,15 @@ CASES = (
     + [(f"ssl={n}", [f"ssl={n}", *ROUTED]) for n in OBJECTIVES.names()]
     + [(f"schedule={n}", [f"schedule={n}", "model.stack=[ssl,route,ssl]", "model.num_experts=4"]) for n in SCHEDULES]
     + [(f"model={n}", [f"model={n}", "model.dim=32", "model.heads=2"]) for n in MODELS]
+    + [(f"model.position={p} model.stem={s}", [f"model.position={p}", f"model.stem={s}", *ROUTED]) for p in ("absolute", "rope") for s in ("patch", "conv")]
+    + [
+        (
+            "dense, soft partners, routing teacher, cosine gate, router context, groups",
+            ["model.stack=[ssl,route,ssl]", "schedule=layerwise", "model.num_experts=4", "dense.weight=1", "consistency.partners=soft",
+             "consistency.teacher_momentum=0.99", "router.cosine_scale=10", "model.router_context=0.5", "model.group_images=2"],
+        ),  # fmt: skip
+        ("consistency.loss=mutual_information", ["consistency.loss=mutual_information", *ROUTED]),
+    ]
 )
 
 

@@ -59,7 +59,8 @@ def trainable_part(encoder) -> nn.Module:
 
 
 class MomentumTeacher(nn.Module):
-    """An EMA copy of the encoder's trainable part followed by ``head`` (BYOL, DINO), updated without autograd.
+    """An EMA copy of the encoder's trainable part followed by ``head`` (BYOL, DINO; no head for the routing
+    teacher of the consistency loss), updated without autograd.
 
     The teacher owns copies of the modules that train and nothing else: the
     frozen prefix below them is the student's own, shared, so it can never go
@@ -69,12 +70,13 @@ class MomentumTeacher(nn.Module):
     at its end, as in BYOL (Grill et al. 2020).
     """
 
-    def __init__(self, encoder, student_head: nn.Module, make_head: Callable[[], nn.Module], momentum: float) -> None:
+    def __init__(self, encoder, student_head: nn.Module | None, make_head: Callable[[], nn.Module] | None, momentum: float) -> None:
         super().__init__()
         self.encoder = copy.deepcopy(trainable_part(encoder))
         # A fresh head with the student's weights: heads with weight norm (DINO) cannot be deep-copied.
-        self.head = make_head()
-        self.head.load_state_dict(student_head.state_dict())
+        self.head = nn.Identity() if make_head is None else make_head()
+        if student_head is not None:
+            self.head.load_state_dict(student_head.state_dict())
         self.base_momentum = momentum
         deactivate_requires_grad(self)
         self.train(False)
@@ -88,17 +90,19 @@ class MomentumTeacher(nn.Module):
         return self.head(features_of(output))
 
     @torch.no_grad()
-    def sync(self, encoder, head: nn.Module) -> None:
-        """Become a copy of the student's trainable part and head."""
-        for mine, theirs in ((self.encoder, trainable_part(encoder)), (self.head, head)):
-            mine.load_state_dict(theirs.state_dict())
+    def sync(self, encoder, head: nn.Module | None = None) -> None:
+        """Become a copy of the student's trainable part and head (None: a teacher without a head)."""
+        self.encoder.load_state_dict(trainable_part(encoder).state_dict())
+        if head is not None:
+            self.head.load_state_dict(head.state_dict())
 
     @torch.no_grad()
-    def update(self, encoder, head: nn.Module, progress: float) -> None:
+    def update(self, encoder, head: nn.Module | None, progress: float) -> None:
         momentum = 1.0 - (1.0 - self.base_momentum) * (math.cos(math.pi * min(progress, 1.0)) + 1.0) / 2.0
         student = trainable_part(encoder)
         update_momentum(student, self.encoder, momentum)
-        update_momentum(head, self.head, momentum)
+        if head is not None:
+            update_momentum(head, self.head, momentum)
         for mine, theirs in zip(self.encoder.buffers(), student.buffers(), strict=True):
             mine.copy_(theirs)
 

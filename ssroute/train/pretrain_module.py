@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from ssroute.checkpoint import ModelInputs
 from ssroute.data import DataBundle
 from ssroute.data.correspondence import matches_of
 from ssroute.data.loader import ResumableLoader
@@ -33,6 +34,7 @@ from ssroute.errors import ConfigError
 from ssroute.models import build_backbone
 from ssroute.moe import moe_layers
 from ssroute.objectives import build_objective
+from ssroute.objectives.base import MomentumTeacher
 from ssroute.objectives.dense import DensePatchLoss
 from ssroute.objectives.routing_consistency import consistency_over_blocks
 from ssroute.train.base import NonFiniteLossError, ResumableModule
@@ -51,6 +53,7 @@ class Phase:
     encoder: Any  # images -> (features, aux): the backbone, or a StageEncoder over it
     objective: nn.Module  # the SSL objective (with its heads) of this phase
     dense: nn.Module | None  # the phase's patch-level loss (None = off)
+    teacher: nn.Module | None  # the phase's routing teacher (None = targets from the student's own routings)
     first_block: int  # the first block that trains (routings of earlier blocks are frozen)
     end_block: int  # one past the last block that runs
 
@@ -66,7 +69,7 @@ class PretrainModule(ResumableModule):
     def __init__(self, cfg: DictConfig, data: DataBundle) -> None:
         super().__init__()
         self.cfg, self.data = cfg, data
-        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True), "inputs": ModelInputs.of_data(data).as_dict()})
         self.backbone = build_backbone(cfg, data.image_size, data.channels)
         self.stages = stage_ranges(cfg.model)
         self.plan = SchedulePlan(cfg.schedule.name, len(self.stages), cfg.schedule.epochs_per_block or cfg.trainer.max_epochs, cfg.schedule.joint_epochs)
@@ -85,6 +88,9 @@ class PretrainModule(ResumableModule):
                 for _ in self.encoders
             )
         self.augment = ViewAugment(cfg.data.augment, data.channels, data.image_size, data.mean, data.std)
+        self.routing_teachers = None  # EMA copies of each phase's trainable segment whose routings give the consistency targets
+        if cfg.consistency.weight > 0 and cfg.consistency.get("teacher_momentum", 0.0) > 0:
+            self.routing_teachers = nn.ModuleList(MomentumTeacher(e, None, None, cfg.consistency.teacher_momentum) for e in self.encoders)
         layers = moe_layers(self.backbone)
         self.consistent_blocks = [i for i, m in layers.items() if m.router.learned] if cfg.consistency.weight > 0 else []
         skipped = sorted(set(layers) - set(self.consistent_blocks))
@@ -112,10 +118,11 @@ class PretrainModule(ResumableModule):
         name = self.plan.phase(self.current_epoch)
         index = 0 if self.plan.name == "end_to_end" else len(self.stages) if name == "joint" else name
         dense = None if self.dense is None else self.dense[index]
+        teacher = None if self.routing_teachers is None else self.routing_teachers[index]
         if self.plan.name == "end_to_end":
-            return Phase(name, self.backbone, self.objectives[0], dense, 0, self.backbone.depth)
+            return Phase(name, self.backbone, self.objectives[0], dense, teacher, 0, self.backbone.depth)
         encoder = self.encoders[index]
-        return Phase(name, encoder, self.objectives[index], dense, encoder.start, encoder.end)
+        return Phase(name, encoder, self.objectives[index], dense, teacher, encoder.start, encoder.end)
 
     def phase_progress(self) -> float:
         """Share of the current phase done, 0 -> 1 (momentum teachers ramp within their own phase)."""
@@ -136,6 +143,8 @@ class PretrainModule(ResumableModule):
                 heads = {k: v for k, v in self.objectives[len(self.stages) - 1].state_dict().items() if not k.startswith("teacher.")}
                 phase.objective.load_state_dict(heads, strict=False)  # the last stage's heads carry on; a teacher syncs below
             phase.objective.start_phase(phase.encoder)
+            if phase.teacher is not None:
+                phase.teacher.sync(phase.encoder)
         if phase.name != self._phase:
             log.info("schedule %s: %s", self.plan.name, "all stages jointly" if phase.name == "joint" else f"stage {phase.name} of {len(self.stages)} on frozen stages below")
             self._phase = phase.name
@@ -159,20 +168,31 @@ class PretrainModule(ResumableModule):
         features, auxes = [f for f, _ in outputs], [a for _, a in outputs]
         losses = {"ssl": phase.objective(features, views.images, phase.encoder)}
         losses.update(mean_over_views([aux.losses for aux in auxes]))  # router balance, ponder costs
-        if self.consistent_blocks or phase.dense is not None:
-            matches = matches_of(views, [a.patches for a in auxes], self.backbone.patch_embed)  # corresponding patches of views 1 and 2
-        if phase.dense is not None:
-            losses["dense"] = self.cfg.dense.weight * phase.dense(auxes[0].tokens, auxes[1].tokens, matches[0])
-        if self.consistent_blocks:
-            blocks = [b for b in self.consistent_blocks if b >= phase.first_block]
-            consistency = consistency_over_blocks((auxes[0].routings, auxes[1].routings), matches, blocks, self.cfg.consistency)
-            if consistency is not None:
-                losses["consistency"] = self.cfg.consistency.weight * consistency
+        losses.update(self.correspondence_losses(phase, views, auxes))  # dense SSL and routing consistency
         if self.superclass is not None:
             losses.update(self.superclass.losses(self, auxes, index, phase.first_block))
         loss = torch.stack(list(losses.values())).sum()
         self.log_step(loss, losses, auxes[0])
         return loss
+
+    def correspondence_losses(self, phase: Phase, views, auxes: list) -> dict[str, Tensor]:
+        """The losses over corresponding patches of views 1 and 2: patch-level SSL on the phase's output tokens
+        (``dense``) and routing consistency of the trainable routed blocks (``consistency``)."""
+        blocks = [b for b in self.consistent_blocks if b >= phase.first_block]
+        if not blocks and phase.dense is None:
+            return {}
+        matches = matches_of(views, [a.patches for a in auxes], self.backbone.patch_embed)
+        losses = {}
+        if phase.dense is not None:
+            losses["dense"] = self.cfg.dense.weight * phase.dense(auxes[0].tokens, auxes[1].tokens, matches[0])
+        targets = None
+        if blocks and phase.teacher is not None:  # DINO-style: the EMA teacher's routing of each view is the other view's target
+            with torch.no_grad():
+                targets = tuple(phase.encoder(view, segment=phase.teacher.encoder)[1].routings for view in views.images[:2])
+        consistency = consistency_over_blocks((auxes[0].routings, auxes[1].routings), matches, blocks, self.cfg.consistency, targets)
+        if consistency is not None:
+            losses["consistency"] = self.cfg.consistency.weight * consistency
+        return losses
 
     def log_step(self, loss: Tensor, losses: dict[str, Tensor], aux) -> None:
         if not torch.isfinite(loss):
@@ -190,6 +210,8 @@ class PretrainModule(ResumableModule):
         if hasattr(phase.objective, "epoch"):
             phase.objective.epoch = self.current_epoch - self.plan.phase_bounds(self.current_epoch)[0]
         phase.objective.on_step_end(phase.encoder, self.phase_progress())
+        if phase.teacher is not None:
+            phase.teacher.update(phase.encoder, None, self.phase_progress())
 
     def configure_optimizers(self):
         steps = len(self.data.train) // self.trainer.world_size // self.cfg.data.batch_size

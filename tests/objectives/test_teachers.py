@@ -67,3 +67,28 @@ def test_a_teacher_synced_at_its_phase_start_equals_the_student():
     objective.start_phase(encoder)
     for mine, theirs in zip(objective.teacher.encoder.parameters(), encoder.segment().parameters(), strict=True):
         assert torch.equal(mine, theirs)
+
+
+def test_a_routing_teacher_is_an_ema_of_the_routed_stage_and_never_gets_gradients():
+    from ssroute.objectives.base import MomentumTeacher
+
+    backbone, stages = stack_backbone()
+    encoder = StageEncoder(backbone, *stages[1])  # the routed stage
+    freeze_stages(backbone, stages, 1)
+    teacher = MomentumTeacher(encoder, None, None, momentum=0.9)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    before = {name: p.clone() for name, p in teacher.encoder.named_parameters()}
+    with torch.no_grad():
+        for p in encoder.segment().parameters():
+            p.add_(1.0)  # the student moves
+    teacher.update(encoder, None, progress=0.0)  # momentum 0.9 at the start of the phase
+    student = dict(encoder.segment().named_parameters())
+    for name, p in teacher.encoder.named_parameters():
+        assert torch.allclose(p, 0.9 * before[name] + 0.1 * student[name], atol=1e-6)
+    view = torch.randn(4, 1, 8, 8, requires_grad=True)
+    _, aux = encoder(view, segment=teacher.encoder)  # the teacher's routing of a view, on the student's frozen prefix
+    assert set(aux.routings) == {stages[1][0]}
+    assert not aux.routings[stages[1][0]].probs.requires_grad  # no gradient can reach the teacher
+    teacher.sync(encoder)
+    for name, p in teacher.encoder.named_parameters():
+        assert torch.equal(p, student[name])
