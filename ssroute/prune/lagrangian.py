@@ -17,7 +17,7 @@ warm-up) and stays at ``t`` afterwards.
 >>> controller = LagrangianController(target=0.5, warmup_steps=10)
 >>> controller.target_at(5), controller.target_at(50)
 (0.25, 0.5)
->>> float(controller(torch.tensor(0.3), step=50))  # multipliers start at 0
+>>> float(controller(torch.tensor(0.3), step=50).detach())  # multipliers start at 0
 0.0
 """
 
