@@ -108,7 +108,9 @@ def describe(backbone: nn.Module) -> ModelShape:
     proj = backbone.patch_embed.proj
     patch_stem = isinstance(proj, nn.Conv2d)
     per_dim = proj.weight[0].numel() + 1 if patch_stem else 0
-    extra = sum(p.numel() for p in backbone.parameters()) - sum(p.numel() for p in backbone.blocks.parameters()) - (per_dim + 2) * backbone.dim
+    extra = (
+        sum(p.numel() for p in backbone.parameters()) - sum(p.numel() for p in backbone.blocks.parameters()) - (per_dim + 2) * backbone.dim
+    )
     shape = ModelShape(backbone.dim, per_dim, blocks, fixed_params=extra)
     shape.supported = {"mha", "heads"}
     if any(b.kind != "other" for b in blocks):
