@@ -67,7 +67,7 @@ class MLPExperts(ExpertBank):
     @staticmethod
     def _stacked(experts: int, fan_in: int, fan_out: int) -> tuple[nn.Parameter, nn.Parameter]:
         # nn.Linear's default init per expert, so an expert starts like a dense FFN layer.
-        bound = 1.0 / math.sqrt(fan_in)
+        bound = 1.0 / math.sqrt(max(fan_in, 1))  # a pruned expert may keep no hidden units
         weight = torch.empty(experts, fan_in, fan_out).uniform_(-bound, bound)
         bias = torch.empty(experts, fan_out).uniform_(-bound, bound)
         return nn.Parameter(weight), nn.Parameter(bias)
