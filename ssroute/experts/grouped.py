@@ -30,6 +30,7 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
 
 import torch
@@ -62,7 +63,12 @@ def backend_for(x: Tensor, sizes: list[int]) -> str:
 
 
 def expert_mlp(
-    x: Tensor, sizes: list[int], weights: list[Tensor], biases: list[Tensor | None], activation: str, backend: str | None = None
+    x: Tensor,
+    sizes: list[int],
+    weights: list[Tensor],
+    biases: list[Tensor | None],
+    activation: str | Callable[[Tensor], Tensor],
+    backend: str | None = None,
 ) -> Tensor:
     """``x [rows, fan_in]`` sorted by expert -> ``[rows, fan_out]`` through each row's expert's MLP.
 
@@ -71,11 +77,12 @@ def expert_mlp(
         sizes: rows per expert (host ints, ``len == experts``).
         weights: per layer ``[experts, fan_in, fan_out]``.
         biases: per layer ``[experts, fan_out]`` or None.
-        activation: ``gelu``, ``relu`` or ``silu`` (between layers, not after the last).
+        activation: ``gelu``, ``relu`` or ``silu``, or an activation module (between layers, not after the last);
+            a module keeps its hooks (pruning masks scale hidden units through them).
         backend: ``grouped_mm``, ``bmm`` or ``loop``; None = :func:`backend_for`.
     """
     backend = backend or backend_for(x, sizes)
-    act = ACTIVATIONS[activation]
+    act = ACTIVATIONS[activation] if isinstance(activation, str) else activation
     last = len(weights) - 1
     if backend == "grouped_mm":
         return _grouped_mm_mlp(x, sizes, weights, biases, act)

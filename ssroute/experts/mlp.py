@@ -58,8 +58,7 @@ class MLPExperts(ExpertBank):
             raise ConfigError(f"experts mlp: out_bias={out_bias!r} is not valid; choose expert or shared.")
         self.out_bias = out_bias
         self.depth = depth
-        self.act = build_activation(activation)  # checks the name; the layers run through expert_mlp
-        self.activation = activation
+        self.act = build_activation(activation)
         self.w_in, self.b_in = self._stacked(num_experts, dim, hidden)
         mids = [self._stacked(num_experts, hidden, hidden) for _ in range(depth - 2)]
         self.w_mid = nn.Parameter(torch.stack([w for w, _ in mids])) if mids else None
@@ -71,7 +70,7 @@ class MLPExperts(ExpertBank):
     @staticmethod
     def _stacked(experts: int, fan_in: int, fan_out: int) -> tuple[nn.Parameter, nn.Parameter]:
         # nn.Linear's default init per expert, so an expert starts like a dense FFN layer.
-        bound = 1.0 / math.sqrt(fan_in)
+        bound = 1.0 / math.sqrt(max(fan_in, 1))  # a pruned expert may keep no hidden units
         weight = torch.empty(experts, fan_in, fan_out).uniform_(-bound, bound)
         bias = torch.empty(experts, fan_out).uniform_(-bound, bound)
         return nn.Parameter(weight), nn.Parameter(bias)
@@ -87,7 +86,7 @@ class MLPExperts(ExpertBank):
         mids = list(zip(self.w_mid.unbind(0), self.b_mid.unbind(0), strict=True)) if self.w_mid is not None else []
         weights = [self.w_in, *(w for w, _ in mids), self.w_out]
         biases = [self.b_in, *(b for _, b in mids), None if shared else self.b_out]
-        y = expert_mlp(x, sizes, weights, biases, self.activation)
+        y = expert_mlp(x, sizes, weights, biases, self.act)  # the module, so hooks on it (pruning masks) apply
         return y + self._shared_bias(y, context) if shared else y
 
     def _shared_bias(self, y: Tensor, context: ExpertContext | None) -> Tensor:

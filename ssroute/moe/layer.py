@@ -20,7 +20,9 @@ training loop; :meth:`MoELayer.forward` is the plain drop-in FFN.
 
 Routing groups are ``group_images`` images (1: per image, as V-MoE's default
 group of one image's tokens): capacity, batch priority, expert choice, soft
-slots, set matching and the balance losses act within a group.
+slots, set matching and the balance losses act within a group. A batch that
+``group_images`` does not divide is grouped by its largest divisor below it
+(:func:`images_per_group`).
 
 >>> import torch
 >>> moe = build_moe(dim=16, hidden=32, num_experts=4, router="token_choice", k=2)
@@ -84,7 +86,7 @@ class MoELayer(nn.Module):
         """``[batch, tokens, dim] -> ([batch, tokens, dim], Routing of the batch * tokens flat tokens)``."""
         batch, tokens, dim = x.shape
         flat = x.reshape(batch * tokens, dim)
-        group = tokens * (self.group_images if batch % self.group_images == 0 else 1)  # a ragged batch routes per image
+        group = tokens * images_per_group(batch, self.group_images)
         router_in = flat
         if self.router_context:
             router_in = torch.lerp(x, x.mean(dim=1, keepdim=True), self.router_context).reshape(batch * tokens, dim)
@@ -157,6 +159,16 @@ def dense_reference(experts: ExpertBank, flat: Tensor, routing: Routing, capacit
     y = experts(buffers.reshape(experts_ * groups * slots, -1), [groups * slots] * experts_, context)
     out = torch.einsum("gnec,egcd->gnd", combine, y.view(experts_, groups, slots, -1))
     return out.reshape(flat.shape)
+
+
+def images_per_group(batch: int, group_images: int) -> int:
+    """Images per routing group for a batch: ``group_images``, or for a batch it does not divide (the last
+    batch of an evaluation) the largest divisor of the batch below it, so groups stay near the asked size.
+
+    >>> images_per_group(256, 64), images_per_group(104, 64), images_per_group(7, 64), images_per_group(67, 64)
+    (64, 52, 7, 1)
+    """
+    return next(g for g in range(min(group_images, batch), 0, -1) if batch % g == 0)
 
 
 def build_moe(

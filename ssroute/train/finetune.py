@@ -19,7 +19,9 @@ from ssroute.checkpoint import check_data_fits, load_pretrained, resolve_checkpo
 from ssroute.config import resolve_data_defaults, validate_finetune
 from ssroute.data import build_data, label_subset
 from ssroute.errors import ConfigError
+from ssroute.models.compile import compile_backbone
 from ssroute.train.finetune_module import FinetuneModule
+from ssroute.train.loggers import check_loggers
 from ssroute.train.run import build_trainer, find_resume_dir, finish_run, quiet_third_party_logs, resumed_config, save_config
 from ssroute.train.schedule import resolve_stack_model
 from ssroute.train.threads import apply_threads
@@ -57,6 +59,7 @@ def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
         cfg, run_dir = resumed_config(resume_dir, cfg), resume_dir
     validate_finetune(cfg)
     apply_threads(cfg.trainer)
+    check_loggers(cfg.trainer.get("loggers") or [])
     backbone_state = None
     if cfg.checkpoint and resume_dir is None:
         with open_dict(cfg):
@@ -85,9 +88,9 @@ def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     try:
         module = FinetuneModule(cfg, data, train_set, backbone_state)
     except RuntimeError as err:  # load_state_dict: missing / unexpected / mis-shaped weights
-        raise ConfigError(
-            f"the checkpoint's weights do not fit the model built from its config ({str(err).splitlines()[0]}); the checkpoint is from an incompatible version."
-        ) from None
+        raise ConfigError(f"the checkpoint's weights do not fit the model built from its config ({str(err).splitlines()[0]}); the checkpoint is from an incompatible version.") from None
+    if cfg.trainer.get("compile"):
+        log.info("torch.compile on %s", ", ".join(compile_backbone(module.backbone)))
     trainer = build_trainer(cfg, run_dir, [], monitor=False)
     if trainer.is_global_zero:
         save_config(cfg, run_dir)

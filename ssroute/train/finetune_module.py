@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ssroute.checkpoint import ModelInputs
 from ssroute.data import DataBundle, ImageSet
 from ssroute.data.loader import ResumableLoader, loader_workers
 from ssroute.data.views import ViewAugment
@@ -38,7 +39,7 @@ class FinetuneModule(ResumableModule):
     def __init__(self, cfg: DictConfig, data: DataBundle, train_set: ImageSet, backbone_state: dict[str, torch.Tensor] | None) -> None:
         super().__init__()
         self.cfg, self.data, self.train_set = cfg, data, train_set
-        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True), "inputs": ModelInputs.of_data(data).as_dict()})
         self.backbone = build_backbone(cfg, data.image_size, data.channels)
         if backbone_state is not None:
             self.backbone.load_state_dict(backbone_state)

@@ -11,7 +11,9 @@ from omegaconf import DictConfig
 from ssroute.config import resolve_data_defaults, validate_pretrain
 from ssroute.data import build_data
 from ssroute.eval.evaluation import RUN_PROTOCOLS
+from ssroute.models.compile import compile_backbone
 from ssroute.train.callbacks import OnlineMonitor, RoutingFluctuation
+from ssroute.train.loggers import check_loggers
 from ssroute.train.pretrain_module import PretrainModule, check_pretrain_config, throughput
 from ssroute.train.run import build_trainer, find_resume_dir, finish_run, quiet_third_party_logs, resumed_config, save_config
 from ssroute.train.schedule import resolve_stack
@@ -29,12 +31,15 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
         log.info("resuming %s from checkpoints/last.ckpt", run_dir)
     validate_pretrain(cfg)
     threads = apply_threads(cfg.trainer)
+    check_loggers(cfg.trainer.get("loggers") or [])
     data = build_data(cfg.data, cfg.seed)
     resolve_data_defaults(cfg, data.image_size)
     resolve_stack(cfg)
     check_pretrain_config(cfg, data)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PretrainModule(cfg, data)
+    if cfg.trainer.get("compile"):
+        log.info("torch.compile on %s", ", ".join(compile_backbone(module.backbone)))
     trainer = build_trainer(cfg, run_dir, [])
     if trainer.is_global_zero:
         save_config(cfg, run_dir)

@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from ssroute.checkpoint import ModelInputs
 from ssroute.data import DataBundle
 from ssroute.data.correspondence import matches_of
 from ssroute.data.loader import ResumableLoader, loader_workers
@@ -68,7 +69,7 @@ class PretrainModule(ResumableModule):
     def __init__(self, cfg: DictConfig, data: DataBundle) -> None:
         super().__init__()
         self.cfg, self.data = cfg, data
-        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True), "inputs": ModelInputs.of_data(data).as_dict()})
         self.backbone = build_backbone(cfg, data.image_size, data.channels)
         self.stages = stage_ranges(cfg.model)
         self.plan = SchedulePlan(
@@ -173,24 +174,31 @@ class PretrainModule(ResumableModule):
         features, auxes = [f for f, _ in outputs], [a for _, a in outputs]
         losses = {"ssl": phase.objective(features, views.images, phase.encoder)}
         losses.update(mean_over_views([aux.losses for aux in auxes]))  # router balance, ponder costs
-        if self.consistent_blocks or phase.dense is not None:
-            matches = matches_of(views, [a.patches for a in auxes], self.backbone.patch_embed)  # corresponding patches of views 1 and 2
-        if phase.dense is not None:
-            losses["dense"] = self.cfg.dense.weight * phase.dense(auxes[0].tokens, auxes[1].tokens, matches[0])
-        if self.consistent_blocks:
-            blocks = [b for b in self.consistent_blocks if b >= phase.first_block]
-            targets = None
-            if phase.teacher is not None:  # DINO-style: the EMA teacher's routing of each view is the other view's target
-                with torch.no_grad():
-                    targets = tuple(phase.encoder(view, segment=phase.teacher.encoder)[1].routings for view in views.images[:2])
-            consistency = consistency_over_blocks((auxes[0].routings, auxes[1].routings), matches, blocks, self.cfg.consistency, targets)
-            if consistency is not None:
-                losses["consistency"] = self.cfg.consistency.weight * consistency
+        losses.update(self.correspondence_losses(phase, views, auxes))  # dense SSL and routing consistency
         if self.superclass is not None:
             losses.update(self.superclass.losses(self, auxes, index, phase.first_block))
         loss = torch.stack(list(losses.values())).sum()
         self.log_step(loss, losses, auxes[0])
         return loss
+
+    def correspondence_losses(self, phase: Phase, views, auxes: list) -> dict[str, Tensor]:
+        """The losses over corresponding patches of views 1 and 2: patch-level SSL on the phase's output tokens
+        (``dense``) and routing consistency of the trainable routed blocks (``consistency``)."""
+        blocks = [b for b in self.consistent_blocks if b >= phase.first_block]
+        if not blocks and phase.dense is None:
+            return {}
+        matches = matches_of(views, [a.patches for a in auxes], self.backbone.patch_embed)
+        losses = {}
+        if phase.dense is not None:
+            losses["dense"] = self.cfg.dense.weight * phase.dense(auxes[0].tokens, auxes[1].tokens, matches[0])
+        targets = None
+        if blocks and phase.teacher is not None:  # DINO-style: the EMA teacher's routing of each view is the other view's target
+            with torch.no_grad():
+                targets = tuple(phase.encoder(view, segment=phase.teacher.encoder)[1].routings for view in views.images[:2])
+        consistency = consistency_over_blocks((auxes[0].routings, auxes[1].routings), matches, blocks, self.cfg.consistency, targets)
+        if consistency is not None:
+            losses["consistency"] = self.cfg.consistency.weight * consistency
+        return losses
 
     def log_step(self, loss: Tensor, losses: dict[str, Tensor], aux) -> None:
         if not torch.isfinite(loss):

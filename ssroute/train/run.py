@@ -3,7 +3,7 @@
 Every run is a folder (Hydra's output dir): the resolved ``config.yaml``,
 ``checkpoints/`` (``last.ckpt`` every N steps and at the end; Lightning writes
 them through an fsspec transaction, so a kill never leaves a half-written file),
-``logs/`` (CSV, TensorBoard when installed) and ``metrics.json`` (flat keys,
+``logs/`` (``trainer.loggers``: CSV by default; TensorBoard, W&B, MLflow) and ``metrics.json`` (flat keys,
 written atomically). A run without ``metrics.json`` is unfinished and can be
 resumed.
 """
@@ -65,24 +65,18 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], monitor: bool = True) -> pl.Trainer:
     """A Lightning Trainer for ``cfg.trainer`` writing into ``run_dir``.
 
+    Loggers are ``trainer.loggers`` (:mod:`ssroute.train.loggers`).
     MoE models get :class:`~ssroute.train.callbacks.RoutingFluctuation` (every
     ``trainer.fluctuation_every_n_steps`` steps; 0 = off); with ``monitor`` every
     model gets :class:`~ssroute.train.callbacks.OnlineMonitor` (every
     ``trainer.knn_every_n_epochs`` epochs; null = about ten times a run; 0 = off).
     """
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger
 
     from ssroute.train.callbacks import OnlineMonitor, RoutingFluctuation, monitor_every
+    from ssroute.train.loggers import build_loggers
 
-    loggers: list = [CSVLogger(str(run_dir), name="logs", version="")]
-    try:
-        import tensorboard  # noqa: F401
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(str(run_dir), name="logs", version="tensorboard"))
-    except ImportError:
-        pass
+    loggers = build_loggers(cfg.trainer, run_dir)
     checkpoint = ModelCheckpoint(
         dirpath=str(run_dir / "checkpoints"),
         filename="last",
@@ -142,6 +136,7 @@ def finish_run(
     from ssroute.config import EvalSettings
     from ssroute.eval.evaluation import evaluate_backbone, held_out_images
     from ssroute.moe import model_accounting
+    from ssroute.train.loggers import log_final
 
     if not trainer.is_global_zero:
         return metrics
@@ -159,6 +154,7 @@ def finish_run(
     merged = {**metrics, **model_accounting(backbone, backbone.patch_embed.num_tokens, aux.rows_per_token()), **result.metrics}
     write_json_atomic(run_dir / "metrics.json", merged)
     log.info("metrics: %s", {k: v for k, v in merged.items() if "/" not in k})
+    log_final(trainer.loggers, merged, sorted((run_dir / "eval" / "plots").glob("*.png")) if full else [], trainer.global_step)
     if full:
         log.info("evaluation written to %s", result.out_dir)
     return merged
