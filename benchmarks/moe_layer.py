@@ -292,7 +292,9 @@ def _markdown(report: dict) -> str:
                 key = f"{prefix}moe/{name}/dense_ffn"
                 if bound is not None and key in r:
                     versus = "compiled dense FFN" if prefix else "dense FFN"
-                    value = r[key] if not prefix else res["layer_step_ms"][f"compiled/moe/{name}"] / res["layer_step_ms"]["compiled/dense_ffn"]
+                    value = (
+                        r[key] if not prefix else res["layer_step_ms"][f"compiled/moe/{name}"] / res["layer_step_ms"]["compiled/dense_ffn"]
+                    )
                     lines.append(f"| {prefix}moe/{name} <= {bound:.2f}x {versus} | {value:.2f}x | {'yes' if value <= bound else 'no'} |")
         if res["images"] != TARGET_IMAGES:
             continue  # the reference rows are stated for 256 images
