@@ -13,4 +13,8 @@ def __getattr__(name: str) -> Any:
         from ssroute.moe import build_moe
 
         return build_moe
+    if name == "load":
+        from ssroute.pretrained import load
+
+        return load
     raise AttributeError(f"module 'ssroute' has no attribute {name!r}")

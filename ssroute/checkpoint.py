@@ -14,6 +14,7 @@ ssroute.errors.ConfigError: checkpoint=... is neither a .ckpt file nor a run fol
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,29 @@ from torch import nn
 from ssroute.errors import ConfigError
 
 PRETRAIN_RUNS = Path("runs/pretrain")
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What a backbone takes: square images of ``image_size`` pixels with ``channels`` channels,
+    normalised per channel as ``(x - mean) / std`` with ``x`` in [0, 1] (``ssroute.data.views.normalize``)."""
+
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of_data(cls, data) -> ModelInputs:
+        """The inputs of a :class:`~ssroute.data.DataBundle` (what its training runs record in their checkpoints)."""
+        return cls(int(data.image_size), int(data.channels), tuple(map(float, data.mean)), tuple(map(float, data.std)))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelInputs:
+        return cls(int(values["image_size"]), int(values["channels"]), tuple(map(float, values["mean"])), tuple(map(float, values["std"])))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -48,6 +72,17 @@ def run_dir_of(file: Path) -> Path:
 
 def load_pretrained(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(run config, backbone state dict) of a checkpoint, with clear errors for foreign files."""
+    config, state, _ = read_checkpoint(path)
+    return config, state
+
+
+def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], ModelInputs]:
+    """(run config, backbone state dict, model inputs) of a checkpoint.
+
+    Checkpoints record their inputs (image size, channels, normalisation) in
+    ``hyper_parameters["inputs"]``; for ones written before that, the run's data
+    is rebuilt from its config to measure them.
+    """
     file = resolve_checkpoint(path)
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=False)
@@ -57,11 +92,29 @@ def load_pretrained(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     if not config or "model" not in config:
         raise ConfigError(f"checkpoint {file} was not written by ssroute (no model config inside); pass a checkpoint from python -m pretrain.")
     state = {k[len("backbone."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
-    return config, state
+    recorded = checkpoint["hyper_parameters"].get("inputs")
+    return config, state, ModelInputs.from_dict(recorded) if recorded else inputs_of_run(config)
+
+
+def inputs_of_run(config: dict[str, Any]) -> ModelInputs:
+    """The inputs of a run whose checkpoint predates recording them: its data, rebuilt from the config."""
+    from ssroute.data import build_data
+
+    return ModelInputs.of_data(build_data(OmegaConf.create(config["data"]), config.get("seed", 0)))
 
 
 def load_backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor], file: Path | str) -> None:
     """``load_state_dict`` with one sentence naming what does not match."""
+    problems = state_mismatch(backbone, state)
+    if problems:
+        raise ConfigError(
+            f"checkpoint {file} does not fit the model its config builds on this data ({problems}); use it on the data it was trained on, with the config saved beside its weights."
+        )
+    backbone.load_state_dict(state)
+
+
+def state_mismatch(backbone: nn.Module, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> str:
+    """What keeps ``state`` (read from ``source``) from loading into ``backbone`` (missing, extra and mis-shaped weights), or ``""``."""
     expected = backbone.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -73,12 +126,8 @@ def load_backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor], fil
         problems.append(f"{len(unexpected)} weight(s) the model lacks, e.g. {unexpected[0]}")
     if shapes:
         k = shapes[0]
-        problems.append(f"{k} is {list(state[k].shape)} in the checkpoint but {list(expected[k].shape)} in the model")
-    if problems:
-        raise ConfigError(
-            f"checkpoint {file} does not fit the model its config builds on this data ({'; '.join(problems)}); use it on the data it was trained on, with the config saved beside its weights."
-        )
-    backbone.load_state_dict(state)
+        problems.append(f"{k} is {list(state[k].shape)} in {source} but {list(expected[k].shape)} in the model")
+    return "; ".join(problems)
 
 
 def check_data_fits(data_name: str, data, backbone_state: dict[str, torch.Tensor], patch_size: int) -> None:

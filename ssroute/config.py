@@ -43,7 +43,7 @@ class DataConfig:
     batch_size: int = 256  # images per step per device
     epochs: int = 100  # suggested pretraining budget, used when trainer.max_epochs is null
     finetune_epochs: int = 60  # suggested fine-tuning budget, used when trainer.max_epochs is null
-    num_workers: int = 0  # dataloader worker processes (0 = load in the main process)
+    num_workers: int | None = None  # training dataloader worker processes; null = 0 for data in memory, up to 4 for file-backed data (decoded in the workers)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -67,6 +67,28 @@ class DepthRouterConfig:
 
 
 @dataclass
+class ShapeConfig:
+    """Per-block widths of a structurally pruned model (written by python -m ssroute.prune, docs/compression.md); empty = uniform."""
+
+    head_dim: int | None = None  # width of one attention head; null = model.dim / model.heads
+    heads: list[int] = field(default_factory=list)  # attention heads of each block (0 = the attention is removed); [] = model.heads
+    ffn_hidden: list[int] = field(default_factory=list)  # each block's dense FFN hidden width, or its experts' (0 = FFN removed); [] = uniform
+    experts: list[int] = field(default_factory=list)  # experts of each block's MoE layer (dense blocks: ignored); [] = model.num_experts
+    position_dims: list[int] = field(default_factory=list)  # coordinates of the position code kept by hidden-dimension pruning; [] = all
+    position_width: int | None = None  # width of the position code position_dims index; null = model.dim
+
+
+@dataclass
+class AttentionHeadsConfig:
+    """Mixture-of-attention-heads layers (MoA, Zhang et al. 2022; ssroute/moe/attention_heads.py, docs/compression.md)."""
+
+    layers: list[int] = field(default_factory=list)  # blocks whose attention is a mixture of attention heads (their FFN must be dense); [] = none
+    heads: int = 8  # attention-head experts per layer
+    k: int = 2  # heads each token is routed to
+    head_dim: int | None = None  # width of one head; null = model.dim / model.heads
+
+
+@dataclass
 class ModelConfig:
     name: str = "vit"  # backbone family (only vit for now)
     dim: int = 64  # token width
@@ -87,6 +109,9 @@ class ModelConfig:
     stack: list[str] = field(default_factory=list)  # e.g. [ssl, route, ssl]: sets depth and moe_layers; dense = a 1-block dense stage; [] = use them
     ssl_layers: int = 1  # dense transformer blocks in each ssl block of the stack
     depth_router: DepthRouterConfig = field(default_factory=DepthRouterConfig)  # model=vit_depth only: the pool, steps and halting
+    shape: ShapeConfig = field(default_factory=ShapeConfig)  # per-block widths of a pruned model; empty = the uniform widths above
+    attention: str = "softmax"  # softmax or relu (ReLU / sequence length, Wortsman et al. 2023) in every attention
+    moa: AttentionHeadsConfig = field(default_factory=AttentionHeadsConfig)  # attention heads routed per token like FFN experts
 
 
 @dataclass
@@ -119,7 +144,7 @@ class ConsistencyConfig:
     weight: float = 1.0  # weight of the routing-consistency loss (MoE models only); 0 = off
     loss: str = "swapped"  # swapped: SwAV's swapped prediction with balanced targets; mutual_information: IIC over corresponding patches
     temperature: float = 0.1  # sharpening temperature of the targets made from the partner view
-    balance: str = "sinkhorn"  # sinkhorn (balanced targets), entropy (usage-entropy bonus) or none
+    balance: str = "sinkhorn"  # sinkhorn (balanced targets), sinkhorn_position (balanced at every grid position), entropy (usage-entropy bonus) or none
     entropy_weight: float = 1.0  # weight of the usage-entropy bonus when balance=entropy
     partners: str = "hard"  # hard: the patch containing the mapped centre; soft: bilinear blend of the patches around it (grid)
     teacher_momentum: float = 0.0  # > 0: targets from an EMA teacher's routing (DINO-style), momentum from this value to 1; 0 = the student's own
@@ -171,11 +196,15 @@ class TrainerConfig:
     strategy: str = "auto"  # auto, ddp, ddp_spawn, ...
     precision: str = "32-true"  # Lightning precision string (bf16-mixed on recent GPUs)
     checkpoint_every_n_steps: int = 100  # write checkpoints/last.ckpt every this many steps (and at the end)
-    knn_every_n_epochs: int = 1  # online kNN accuracy every this many epochs (0 = off)
+    knn_every_n_epochs: int | None = None  # online kNN and agreement every this many epochs; null = max(1, max_epochs // 10), about ten a run; 0 = off
     fluctuation_every_n_steps: int = 25  # MoE models: top-1 routing snapshot of a fixed probe set every this many steps (0 = off); digits has 5 steps per epoch
     progress_bar: bool = True  # Lightning's progress bar
     log_every_n_steps: int = 10  # CSV/TensorBoard logging period
     limit_train_batches: Any = None  # Lightning's limit (int batches or float share); None = all
+    threads: int | None = None  # intra-op CPU threads per process; null = OMP_NUM_THREADS, else cores / processes (DDP processes x parallel sweep jobs)
+    loggers: list[str] = field(default_factory=lambda: ["csv"])  # any of csv, tensorboard, wandb, mlflow (ssroute/train/loggers.py, docs/export.md)
+    log_project: str = "ssroute"  # W&B project / MLflow experiment the wandb and mlflow loggers write to
+    compile: bool = False  # torch.compile the backbone's dense parts (attention, dense FFNs); MoE layers stay eager
 
 
 @dataclass
@@ -248,6 +277,67 @@ class EvaluateConfig(EvalSettings):
     protocols: list[str] | None = None  # subset of ssroute.eval.evaluation.PROTOCOLS; null = every one the data and model support
 
 
+@dataclass
+class PruneConfig:
+    """``python -m ssroute.prune checkpoint=RUN`` (ssroute/prune, docs/compression.md): CoFI structured pruning with distillation."""
+
+    checkpoint: str | None = None  # run to prune: a pretraining, fine-tuning, upcycling or pruning run folder, or a .ckpt file
+    target_sparsity: float = 0.6  # share of the backbone's parameters to remove, in [0, 1); 0 = no masks (distillation / training only)
+    structures: list[str] | None = None  # of mha, heads, ffn, units, experts, hidden; null = every one the model supports
+    l0_temperature: float = 0.6667  # hard-concrete temperature beta; lower = sparser at equal log-alpha
+    droprate_init: float = 0.5  # initial drop probability of every gate (log-alpha = log((1-p)/p))
+    reg_learning_rate: float = 0.01  # learning rate of the gates' log-alpha and (ascending) of the Lagrange multipliers
+    sparsity_warmup_epochs: float = 1.0  # the sparsity target rises linearly from 0 over this many epochs
+    distill: str = "layerwise"  # none, logits (the output only) or layerwise (CoFI: matched layers + output)
+    teacher: str | None = "source"  # source (the unpruned checkpoint), another run folder, or null (no teacher)
+    output_loss: str = "kl"  # the output (logits, or features of an unlabelled source) loss: kl or mse
+    layer_loss: str = "mse"  # the hidden-state and sublayer losses: mse or kl
+    temperature: float = 2.0  # softmax temperature of the KL losses
+    output_weight: float = 1.0  # weight of the output loss
+    layer_weight: float = 1.0  # weight of the matched-layer hidden-state loss (distill=layerwise)
+    attn_weight: float = 0.0  # weight of each block's attention-output loss (distill=layerwise)
+    ffn_weight: float = 0.0  # weight of each block's FFN-output loss (distill=layerwise)
+    task_weight: float = 1.0  # weight of the cross-entropy on labels (labelled sources); 0 = distillation alone
+    speed_images: int = 1024  # held-out images timed for images/s before and after
+    data: DataConfig = field(default_factory=DataConfig)  # the checkpoint's data unless data=NAME is given; data.key=value still applies
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0  # seeds the masks' noise, data order and augmentations
+    resume: Any = False  # true: resume the newest unfinished prune run; a run folder path: resume that run
+    eval_batch_size: int = 512  # batch size of the evaluation forwards
+    evaluate: bool = False  # at the end, every protocol of ssroute.evaluate into <run>/eval/ (false: test_top1 or the probes)
+    evaluation: EvalSettings = field(default_factory=EvalSettings)  # how the end-of-run evaluation measures
+
+
+def validate_prune(cfg: PruneConfig) -> None:
+    """Checks of a prune config before anything is loaded."""
+    _check(bool(cfg.checkpoint), "checkpoint is required; pass checkpoint=RUN_FOLDER of a pretraining, fine-tuning, upcycling or pruning run.")
+    _check(
+        0.0 <= cfg.target_sparsity < 1.0,
+        f"target_sparsity={cfg.target_sparsity} must be in [0, 1): the share of the backbone's parameters to remove, e.g. 0.6.",
+    )
+    _check(cfg.distill in ("none", "logits", "layerwise"), f"distill={cfg.distill!r} is not valid; choose none, logits or layerwise.")
+    _check(
+        cfg.distill == "none" or cfg.teacher not in (None, "", "none", "null"),
+        f"distill={cfg.distill} needs a teacher but teacher is null; set teacher=source (the unpruned checkpoint) or teacher=RUN_FOLDER, or distill=none.",
+    )
+    for key in ("output_loss", "layer_loss"):
+        _check(cfg[key] in ("mse", "kl"), f"{key}={cfg[key]!r} is not a distillation loss; choose mse or kl.")
+    _check(cfg.temperature > 0 and cfg.reg_learning_rate > 0, "temperature and reg_learning_rate must be positive.")
+    _check(cfg.trainer.max_epochs is None or cfg.trainer.max_epochs > 0, f"trainer.max_epochs={cfg.trainer.max_epochs} must be positive.")
+    _check(cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size} must be a positive integer.")
+
+
+@dataclass
+class ExportConfig:
+    """``python -m ssroute.export checkpoint=RUN out=DIR`` (ssroute/export/__main__.py, docs/export.md)."""
+
+    checkpoint: str | None = None  # pretraining or fine-tuning run folder, .ckpt file, or latest
+    out: str | None = None  # the folder to write; it must not exist yet (written in a temporary folder, then renamed)
+    format: str = "hub"  # hub: config.json + model.safetensors + README.md for ssroute.load; timm: a dense ViT for timm.create_model
+    push_to_hub: str | None = None  # Hugging Face Hub repository (user/name) to upload the folder to; needs huggingface_hub and a login
+
+
 def register_configs() -> None:
     """Register the schemas so Hydra type-checks the YAML groups against them."""
     from hydra.core.config_store import ConfigStore
@@ -256,6 +346,8 @@ def register_configs() -> None:
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="finetune_schema", node=FinetuneConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="prune_schema", node=PruneConfig)
+    cs.store(name="export_schema", node=ExportConfig)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -273,6 +365,7 @@ def validate_common(cfg: Any) -> None:
     _check(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive.")
     _check(cfg.trainer.max_epochs is None or cfg.trainer.max_epochs > 0, f"trainer.max_epochs={cfg.trainer.max_epochs} must be positive.")
     _check(cfg.trainer.checkpoint_every_n_steps > 0, "trainer.checkpoint_every_n_steps must be a positive integer.")
+    _check(cfg.trainer.get("knn_every_n_epochs") is None or cfg.trainer.knn_every_n_epochs >= 0, "trainer.knn_every_n_epochs must be >= 0 (0 turns the online monitor off), or null for about ten measurements a run.")
     _check(cfg.trainer.get("fluctuation_every_n_steps", 0) >= 0, "trainer.fluctuation_every_n_steps must be >= 0 (0 turns routing snapshots off).")
     superclass = cfg.get("superclass")
     _check(superclass is None or superclass.weight >= 0, "superclass.weight must be >= 0 (0 turns super-class routing off).")
@@ -298,7 +391,14 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     c = cfg.consistency
     _check(c.weight >= 0, f"consistency.weight={c.weight} must be >= 0 (0 turns the routing-consistency loss off).")
     _check(c.temperature > 0, f"consistency.temperature={c.temperature} must be positive.")
-    _check(c.balance in ("sinkhorn", "entropy", "none"), f"consistency.balance={c.balance!r} is unknown; choose sinkhorn, entropy or none.")
+    _check(
+        c.balance in ("sinkhorn", "sinkhorn_position", "entropy", "none"),
+        f"consistency.balance={c.balance!r} is unknown; choose sinkhorn, sinkhorn_position, entropy or none.",
+    )
+    _check(
+        c.balance != "sinkhorn_position" or cfg.patches.name == "grid",
+        f"consistency.balance=sinkhorn_position balances each grid position; patches={cfg.patches.name} has no fixed positions, use consistency.balance=sinkhorn.",
+    )
     _check(c.partners in ("hard", "soft"), f"consistency.partners={c.partners!r} is unknown; choose hard or soft.")
     _check(0.0 <= c.teacher_momentum < 1.0, f"consistency.teacher_momentum={c.teacher_momentum} must be in [0, 1); 0 = no teacher.")
     _check(c.loss in ("swapped", "mutual_information"), f"consistency.loss={c.loss!r} is unknown; choose swapped or mutual_information.")

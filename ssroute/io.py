@@ -43,3 +43,22 @@ def save_atomic(payload: Any, path: Path, save: Callable[[Any, IO], None] | None
 
     with atomic_open(path, "wb") as handle:
         (save or torch.save)(payload, handle)
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A temporary folder beside ``path`` that becomes ``path`` when the block ends without an error (removed otherwise).
+
+    ``path`` must not exist yet: a reader sees no folder or the whole one, never a half-written export.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

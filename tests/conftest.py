@@ -41,3 +41,32 @@ def pretrain_cfg():
 @pytest.fixture
 def finetune_cfg():
     return lambda overrides=(): compose_config("finetune", [*TINY, *overrides])
+
+
+def write_checkpoint(run_dir: Path, overrides: list[str] = (), seed: int = 0, record_inputs: bool = True) -> Path:
+    """A run folder with ``checkpoints/last.ckpt`` holding what training writes for loading (config, inputs, backbone
+    weights), built from ``TINY + overrides`` with seeded random weights and no training: fast loading and export tests."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ssroute.checkpoint import ModelInputs
+    from ssroute.config import resolve_data_defaults
+    from ssroute.data import build_data
+    from ssroute.models import build_backbone
+    from ssroute.train.schedule import resolve_stack
+
+    replaced = {o.partition("=")[0] for o in overrides}
+    cfg = compose_config("pretrain", [*(o for o in TINY if o.partition("=")[0] not in replaced), "schedule=end_to_end", *overrides])
+    data = build_data(cfg.data, cfg.seed)
+    resolve_data_defaults(cfg, data.image_size)
+    resolve_stack(cfg)
+    torch.manual_seed(seed)
+    backbone = build_backbone(cfg, data.image_size, data.channels)
+    for param in backbone.parameters():  # away from the init, so LayerNorm scales and biases matter
+        param.data.add_(0.05 * torch.randn_like(param))
+    hyper = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    if record_inputs:
+        hyper["inputs"] = ModelInputs.of_data(data).as_dict()
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"hyper_parameters": hyper, "state_dict": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, run_dir / "checkpoints" / "last.ckpt")
+    return run_dir

@@ -56,6 +56,7 @@ def test_end_of_run_evaluation_writes_metrics_and_report_and_merges_headlines(mo
     assert all(metrics[k] > 0.15 for k in accuracies), sorted((metrics[k], k) for k in accuracies)  # above chance (0.1) by a margin
     run = json.loads((moe_run / "metrics.json").read_text())
     assert {"knn_top1", "linear_top1", "train_time_s", "images_per_s", "routing_agreement", "routing_position_nmi"} <= run.keys()  # DESIGN's keys
+    assert {"expert_usage_entropy", "routing_agreement_chance", "routing_shift_content"} <= metrics.keys()  # the same keys as pretraining's
     # one evaluation: the run's metrics.json holds exactly what eval/metrics.json measured, plus the run's own figures
     assert all(run[k] == v for k, v in metrics.items()) and run["train_time_s"] > 0
     report = (moe_run / "eval" / "report.md").read_text()
@@ -74,7 +75,7 @@ def test_command_prints_the_folder_and_runs_only_the_protocols_asked(moe_run, tm
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == f"evaluation folder: {out}"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"data", "num_train", "num_test", "eval_time_s", "knn_top1", "retrieval/precision_at_1", "retrieval/map_at_r"}
+    assert set(metrics) == {"data", "num_train", "num_test", "held_out", "eval_time_s", "knn_top1", "retrieval/precision_at_1", "retrieval/map_at_r"}
     assert (out / "report.md").is_file() and not (ROOT / "outputs").exists()
 
 

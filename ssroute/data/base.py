@@ -20,12 +20,14 @@ UNLABELED = -1
 
 
 class ImageSet(Dataset):
-    """Images held in memory as one uint8 tensor, or loaded one by one.
+    """Images held in memory as one uint8 tensor, or loaded one by one (file-backed).
 
     Args:
         images: ``[n, channels, height, width]`` uint8 tensor, or ``None`` with ``loader``.
         labels: ``[n]`` int64 labels, ``-1`` for unlabelled images.
         loader: ``index -> uint8 [channels, height, width]`` for data too big for memory.
+        source: the reader behind ``loader`` when it has a ``check()`` to run as batches arrive
+            (:class:`~ssroute.data.folder_reader.FolderReader`: too many unreadable files); kept by :meth:`subset`.
     """
 
     def __init__(
@@ -33,6 +35,7 @@ class ImageSet(Dataset):
         images: torch.Tensor | None,
         labels: torch.Tensor,
         loader: Callable[[int], torch.Tensor] | None = None,
+        source: object | None = None,
     ) -> None:
         if images is None and loader is None:
             raise ValueError("ImageSet needs images or a loader")
@@ -41,6 +44,7 @@ class ImageSet(Dataset):
         self.images = images
         self.labels = labels.long()
         self.loader = loader
+        self.source = source
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -54,7 +58,7 @@ class ImageSet(Dataset):
         if self.images is not None:
             return ImageSet(self.images[indices], self.labels[indices])
         base = self.loader
-        return ImageSet(None, self.labels[indices], loader=lambda i: base(int(indices[i])))
+        return ImageSet(None, self.labels[indices], loader=lambda i: base(int(indices[i])), source=self.source)
 
 
 @dataclass
@@ -71,6 +75,7 @@ class DataBundle:
     std: tuple[float, ...]  # per-channel std of train images in [0, 1]
     labeled_train: ImageSet | None = None  # labelled train images when `train` is unlabelled (STL-10)
     held_out: str = "test"  # what `test` holds: the test split, or "val" (data.val_fraction of the training images)
+    reader: object | None = None  # the lazy file reader of a large image folder (unreadable-file count), else None
 
     @property
     def labeled(self) -> bool:

@@ -11,6 +11,7 @@ repeats an uninterrupted one.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,6 +57,23 @@ class EpochSampler(Sampler[int]):
         return iter(mine[self.consumed * self.batch_size :].tolist())
 
 
+def loader_workers(requested: int | None, dataset: Dataset) -> int:
+    """DataLoader worker processes: ``data.num_workers``, or for None 0 for images held in memory and
+    up to 4 (the cores this process may use) for file-backed data, which is decoded in the workers.
+
+    >>> import torch
+    >>> from ssroute.data.base import ImageSet
+    >>> loader_workers(None, ImageSet(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(2))), loader_workers(3, None)
+    (0, 3)
+    """
+    if requested is not None:
+        return int(requested)
+    if getattr(dataset, "images", None) is not None:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
+
+
 class ResumableLoader(DataLoader):
     """DataLoader that checkpoints its epoch position; call :meth:`mark_consumed` as each step starts."""
 
@@ -65,10 +83,18 @@ class ResumableLoader(DataLoader):
                 f"data.batch_size={batch_size} is larger than the {len(dataset) // world_size} training images per device; lower data.batch_size."
             )
         self.epoch_sampler = EpochSampler(len(dataset), seed, rank, world_size, batch_size)
+        if kwargs.get("num_workers"):
+            kwargs.setdefault("persistent_workers", True)  # no re-forking each epoch; decoded images stay cached
         super().__init__(dataset, batch_size=batch_size, sampler=self.epoch_sampler, drop_last=True, **kwargs)
 
     def mark_consumed(self) -> None:
         self.epoch_sampler.consumed += 1
+
+    def check_data(self) -> None:
+        """Let the dataset's reader object to what the workers found (too many unreadable files)."""
+        source = getattr(self.dataset, "source", None)
+        if source is not None:
+            source.check()
 
     def __len__(self) -> int:
         return len(self.epoch_sampler) // self.batch_size

@@ -4,8 +4,10 @@ The expert FFN of V-MoE (Riquelme et al. 2021) and Switch (Fedus et al. 2021):
 each expert is the ViT MLP ``dim -> hidden -> ... -> dim``. Weights are stacked
 along a leading expert axis — ``w_in [experts, dim, hidden]``,
 ``w_mid [depth-2, experts, hidden, hidden]``, ``w_out [experts, hidden, dim]`` —
-so one expert's block of expert-sorted rows is a plain ``addmm`` and the loop
-runs over experts, never over tokens.
+so one expert's block of expert-sorted rows is a plain ``addmm``, and all
+experts run in one grouped call where the device allows
+(:mod:`ssroute.experts.grouped`: torch's grouped GEMM on CUDA in bfloat16, one
+``bmm`` for equal blocks (expert choice), else a loop over experts — never over tokens).
 
 ``out_bias="shared"`` replaces the per-expert output biases by one ``[dim]``
 bias shared by all experts and split equally among a token's routed rows
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 from ssroute.errors import ConfigError
 from ssroute.experts.base import EXPERTS, ExpertBank, ExpertContext
+from ssroute.experts.grouped import expert_mlp
 from ssroute.layers.mlp import build_activation
 
 
@@ -67,7 +70,7 @@ class MLPExperts(ExpertBank):
     @staticmethod
     def _stacked(experts: int, fan_in: int, fan_out: int) -> tuple[nn.Parameter, nn.Parameter]:
         # nn.Linear's default init per expert, so an expert starts like a dense FFN layer.
-        bound = 1.0 / math.sqrt(fan_in)
+        bound = 1.0 / math.sqrt(max(fan_in, 1))  # a pruned expert may keep no hidden units
         weight = torch.empty(experts, fan_in, fan_out).uniform_(-bound, bound)
         bias = torch.empty(experts, fan_out).uniform_(-bound, bound)
         return nn.Parameter(weight), nn.Parameter(bias)
@@ -79,23 +82,11 @@ class MLPExperts(ExpertBank):
         return 2.0 * (2 * self.dim * self.hidden + (self.depth - 2) * self.hidden * self.hidden)
 
     def forward(self, x: Tensor, sizes: list[int], context: ExpertContext | None) -> Tensor:
-        # unbind once: its backward stacks the per-expert grads in one allocation,
-        # where indexing w[e] per expert would allocate a full-size zero grad each time.
         shared = self.out_bias == "shared"
-        w_in, b_in, w_out = self.w_in.unbind(0), self.b_in.unbind(0), self.w_out.unbind(0)
-        b_out = [self.b_out.new_zeros(self.dim)] * self.num_experts if shared else self.b_out.unbind(0)
-        w_mid = [w.unbind(0) for w in self.w_mid.unbind(0)] if self.w_mid is not None else []
-        b_mid = [b.unbind(0) for b in self.b_mid.unbind(0)] if self.b_mid is not None else []
-        outputs = []
-        for e, rows in enumerate(x.split(sizes)):
-            if rows.shape[0] == 0:
-                outputs.append(rows)
-                continue
-            h = self.act(torch.addmm(b_in[e], rows, w_in[e]))
-            for w, b in zip(w_mid, b_mid, strict=True):
-                h = self.act(torch.addmm(b[e], h, w[e]))
-            outputs.append(torch.addmm(b_out[e], h, w_out[e]))
-        y = torch.cat(outputs)
+        mids = list(zip(self.w_mid.unbind(0), self.b_mid.unbind(0), strict=True)) if self.w_mid is not None else []
+        weights = [self.w_in, *(w for w, _ in mids), self.w_out]
+        biases = [self.b_in, *(b for _, b in mids), None if shared else self.b_out]
+        y = expert_mlp(x, sizes, weights, biases, self.act)  # the module, so hooks on it (pruning masks) apply
         return y + self._shared_bias(y, context) if shared else y
 
     def _shared_bias(self, y: Tensor, context: ExpertContext | None) -> Tensor:

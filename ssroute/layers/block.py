@@ -32,15 +32,29 @@ class TransformerBlock(nn.Module):
         heads: attention heads.
         ffn: the feed-forward module (dense or MoE) applied after attention.
         dropout: attention dropout.
+        head_dim: width of one attention head; None = ``dim / heads``.
+        attention: ``softmax`` or ``relu`` attention.
+        attn: an attention module to use instead (a mixture of attention heads, ``ssroute.moe.attention_heads``,
+            whose routing the block hands up when its FFN is dense).
     """
 
-    def __init__(self, dim: int, heads: int, ffn: nn.Module, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        ffn: nn.Module,
+        dropout: float = 0.0,
+        head_dim: int | None = None,
+        attention: str = "softmax",
+        attn: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
+        self.attn = attn if attn is not None else Attention(dim, heads, dropout, head_dim, attention)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = ffn
         self.routed = hasattr(ffn, "forward_with_routing")
+        self.routed_attention = hasattr(self.attn, "forward_with_routing")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
         """``mask [batch, tokens]``: False marks padding that attention ignores (None = all tokens real);
@@ -48,7 +62,13 @@ class TransformerBlock(nn.Module):
 
         Returns the tokens and the FFN's routing (None for a dense FFN).
         """
-        x = x + self.attn(self.norm1(x), mask, rope)
+        if self.routed_attention:
+            y, routing = self.attn.forward_with_routing(self.norm1(x), mask)
+            x = x + y
+            if not self.routed:
+                return x + self.ffn(self.norm2(x)), routing
+        else:
+            x = x + self.attn(self.norm1(x), mask, rope)
         if self.routed:
             y, routing = self.ffn.forward_with_routing(self.norm2(x))
             return x + y, routing

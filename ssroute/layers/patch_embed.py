@@ -98,6 +98,9 @@ class PatchEmbed(nn.Module):
         position: ``absolute`` adds the sine-cosine code of each centre to its token; ``rope`` leaves
             tokens position-free (attention applies :class:`~ssroute.layers.rope.AxialRope`).
         stem: ``patch`` (one patch-sized convolution) or ``conv`` (:func:`conv_stem`).
+        position_dims: coordinates of a ``position_width``-wide position code this embedding keeps
+            (a model pruned over its hidden dimension, ``ssroute.prune``); None = the ``dim``-wide code.
+        position_width: width of the code ``position_dims`` index; None = ``dim``.
     """
 
     def __init__(
@@ -109,6 +112,8 @@ class PatchEmbed(nn.Module):
         selector: PatchSelector | None = None,
         position: str = "absolute",
         stem: str = "patch",
+        position_dims: list[int] | None = None,
+        position_width: int | None = None,
     ) -> None:
         super().__init__()
         check_patch_size(patch_size, image_size)
@@ -116,10 +121,14 @@ class PatchEmbed(nn.Module):
             raise ConfigError(f"model.position={position!r} is unknown; choose one of {list(POSITIONS)}.")
         if stem not in STEMS:
             raise ConfigError(f"model.stem={stem!r} is unknown; choose one of {list(STEMS)}.")
+        if position_dims is not None and len(position_dims) != dim:
+            raise ConfigError(f"model.shape.position_dims lists {len(position_dims)} coordinates for model.dim={dim}; give one per token dimension.")
+        self.position_dims = None if position_dims is None else torch.tensor(list(position_dims), dtype=torch.long)
+        self.position_width = dim if position_width is None else position_width
         self.patch_size, self.image_size = patch_size, image_size
         self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size) if stem == "patch" else conv_stem(channels, patch_size, dim)
         self.register_buffer("centres", grid_centres(image_size, patch_size), persistent=False)
-        self.register_buffer("position", sincos_position(self.centres, dim, image_size), persistent=False)
+        self.register_buffer("position", self.position_code(self.centres), persistent=False)
         self.selector = selector
         self.dim = dim
         self.absolute = position == "absolute"
@@ -141,11 +150,16 @@ class PatchEmbed(nn.Module):
                 centres = self.selector(images)
             tokens = self.embed_at(images, centres)
             if self.absolute:
-                tokens = tokens + sincos_position(centres, self.dim, self.image_size).to(tokens.dtype)
+                tokens = tokens + self.position_code(centres).to(tokens.dtype)
             patches = Patches(tokens, centres)
             if self.selector.halts:
                 patches.mask, patches.pool_weights, patches.aux_loss = self.selector.halt(tokens)
         return patches
+
+    def position_code(self, centres: torch.Tensor) -> torch.Tensor:
+        """``[..., 2]`` pixel centres -> ``[..., dim]`` position codes (the kept coordinates of a pruned model's)."""
+        code = sincos_position(centres, self.position_width, self.image_size)
+        return code if self.position_dims is None else code[..., self.position_dims.to(code.device)]
 
     def embed_at(self, images: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         """Tokens ``[B, N, dim]`` of the patches at continuous ``centres [B, N, 2]`` (no position code).

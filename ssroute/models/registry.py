@@ -48,3 +48,15 @@ def check_model(cfg) -> None:
         raise ConfigError(f"model.moe_layers={list(model.moe_layers)} names blocks outside 0..{model.depth - 1}; use block indices below model.depth.")
     if model.moe_k and len(model.moe_k) != len(model.moe_layers):
         raise ConfigError(f"model.moe_k={list(model.moe_k)} must give one k per entry of model.moe_layers={list(model.moe_layers)}.")
+    moa = set((model.get("moa") or {}).get("layers") or [])
+    if moa and model.get("position", "absolute") == "rope":
+        raise ConfigError("model.moa.layers with model.position=rope: the mixture of attention heads does not rotate its queries and keys; use model.position=absolute.")
+    if moa & set(model.moe_layers) or any(not 0 <= i < model.depth for i in moa):
+        raise ConfigError(
+            f"model.moa.layers={sorted(moa)} must name blocks below model.depth whose FFN is dense (not in model.moe_layers={list(model.moe_layers)})."
+        )
+    shape = model.get("shape") or {}
+    for key in ("heads", "ffn_hidden", "experts"):
+        values = list(shape.get(key) or [])
+        if values and len(values) != model.depth:
+            raise ConfigError(f"model.shape.{key}={values} must give one value per block (model.depth={model.depth}); [] = uniform.")

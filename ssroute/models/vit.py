@@ -27,6 +27,7 @@ selector, the mask of patches taken, which attention and pooling obey).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssroute.errors import ConfigError
 from ssroute.layers.block import TransformerBlock
 from ssroute.layers.mlp import FeedForward
 from ssroute.layers.patch_embed import PatchEmbed
@@ -77,6 +79,13 @@ class ViT(nn.Module):
         position: ``absolute`` (a sine-cosine code added to the tokens) or ``rope`` (rotary positions in
             attention only: tokens stay translation-equivariant, so routers see content, not position).
         stem: ``patch`` (one patch-sized convolution) or ``conv`` (a small convolutional stem).
+        head_dim: width of one attention head; None = ``dim / heads``.
+        block_heads: attention heads of each block (a pruned model); None = ``heads`` in every block.
+        position_dims, position_width: the coordinates of a wider position code a model pruned over its
+            hidden dimension keeps (:class:`~ssroute.layers.patch_embed.PatchEmbed`); None = the ``dim``-wide code.
+        attention: ``softmax`` or ``relu`` attention in every block.
+        attn_factory: ``layer index -> attention module or None`` (None: the block's own multi-head attention);
+            a mixture of attention heads goes in here.
     """
 
     def __init__(
@@ -94,17 +103,31 @@ class ViT(nn.Module):
         selector: PatchSelector | None = None,
         position: str = "absolute",
         stem: str = "patch",
+        head_dim: int | None = None,
+        block_heads: list[int] | None = None,
+        position_dims: list[int] | None = None,
+        position_width: int | None = None,
+        attention: str = "softmax",
+        attn_factory: Callable[[int], nn.Module | None] | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
         hidden = int(mlp_ratio * dim)
         if ffn_factory is None:
             ffn_factory = lambda layer: FeedForward(dim, hidden, activation)  # noqa: E731
-        self.patch_embed = PatchEmbed(channels, patch_size, dim, image_size, selector, position, stem)
-        self.rope = AxialRope(dim // heads, patch_size) if position == "rope" else None
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, ffn_factory(i), dropout) for i in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.apply(_init_weights)
+        block_heads = [heads] * depth if block_heads is None else list(block_heads)
+        if len(block_heads) != depth:
+            raise ConfigError(f"model.shape.heads={block_heads} must give one head count per block (model.depth={depth}).")
+        self.patch_embed = PatchEmbed(channels, patch_size, dim, image_size, selector, position, stem, position_dims, position_width)
+        self.rope = AxialRope(head_dim or dim // heads, patch_size) if position == "rope" else None
+        with warnings.catch_warnings():  # a pruned block may keep no heads or hidden units: empty weights initialise to nothing
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+            attn_of = attn_factory or (lambda layer: None)
+            self.blocks = nn.ModuleList(
+                TransformerBlock(dim, block_heads[i], ffn_factory(i), dropout, head_dim, attention, attn_of(i)) for i in range(depth)
+            )
+            self.norm = nn.LayerNorm(dim)
+            self.apply(_init_weights)
 
     @property
     def depth(self) -> int:
@@ -201,17 +224,29 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
     hidden = int(model.mlp_ratio * model.dim)
     moe_layers = set(model.moe_layers)
     layer_k = dict(zip(model.moe_layers, model.moe_k, strict=False))
+    shape = model.get("shape") or {}  # configs written before pruning existed have none
+    widths, experts_of = list(shape.get("ffn_hidden") or []), list(shape.get("experts") or [])
+    moa = model.get("moa") or {}
+    moa_layers = set(moa.get("layers") or [])
+
+    def attn(layer: int) -> nn.Module | None:
+        if layer not in moa_layers:
+            return None
+        from ssroute.moe.attention_heads import build_attention_heads
+
+        head_dim = moa.get("head_dim") or model.dim // model.heads
+        return build_attention_heads(model.dim, moa.get("heads", 8), moa.get("k", 2), head_dim, model.get("attention", "softmax"), model.dropout)
 
     def ffn(layer: int) -> nn.Module:
         if layer not in moe_layers:
-            return FeedForward(model.dim, hidden, model.activation)
+            return FeedForward(model.dim, widths[layer] if widths else hidden, model.activation)
         router, experts = dict(cfg.router), dict(cfg.experts)
         if layer in layer_k:
             router["k"] = layer_k[layer]
         return build_moe(
             dim=model.dim,
-            hidden=model.expert_hidden or hidden,
-            num_experts=model.num_experts,
+            hidden=widths[layer] if widths else model.expert_hidden or hidden,
+            num_experts=experts_of[layer] if experts_of else model.num_experts,
             router=router.pop("name"),
             experts=experts.pop("name"),
             router_options=router,
@@ -234,4 +269,10 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
         ffn_factory=ffn,
         position=model.get("position", "absolute"),
         stem=model.get("stem", "patch"),
+        head_dim=shape.get("head_dim"),
+        block_heads=list(shape["heads"]) if shape.get("heads") else None,
+        position_dims=list(shape["position_dims"]) if shape.get("position_dims") else None,
+        position_width=shape.get("position_width"),
+        attention=model.get("attention", "softmax"),
+        attn_factory=attn,
     )

@@ -18,6 +18,10 @@ An MoE model has more parameters than it uses per token. For any
   ``experts/<type>/params`` and ``experts/<type>/flops_per_token``, summed over
   the MoE layers; they add up to ``params_experts`` and ``flops_experts_per_token``.
 
+A mixture of attention heads (``ssroute.moe.attention_heads``) counts the same
+way, its heads being the experts: ``k`` heads' query and output projections
+are active per token, the shared key/value projection always.
+
 >>> from ssroute.layers.mlp import FeedForward
 >>> model_accounting(FeedForward(8, 32), tokens_per_image=4)["flops_per_token"]
 1024.0
@@ -33,9 +37,20 @@ from ssroute.moe.layer import MoELayer
 
 def moe_layers(model: nn.Module) -> dict[int, MoELayer]:
     """The MoE layers of ``model`` by the index of the block they sit in (``blocks.<i>.ffn``; order of appearance otherwise)."""
+    return _by_block(model, (MoELayer,))
+
+
+def routed_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """Every routed layer with its own ``accounting``: MoE layers and mixtures of attention heads, by block index."""
+    from ssroute.moe.attention_heads import MixtureOfAttentionHeads
+
+    return _by_block(model, (MoELayer, MixtureOfAttentionHeads))
+
+
+def _by_block(model: nn.Module, kinds: tuple[type, ...]) -> dict[int, nn.Module]:
     found = {}
     for name, module in model.named_modules():
-        if isinstance(module, MoELayer):
+        if isinstance(module, kinds):
             parts = name.split(".")
             index = (
                 int(parts[parts.index("blocks") + 1]) if "blocks" in parts and parts[parts.index("blocks") + 1].isdigit() else len(found)
@@ -44,8 +59,8 @@ def moe_layers(model: nn.Module) -> dict[int, MoELayer]:
     return found
 
 
-def _flops(module: nn.Module, tokens_per_image: int, moe: dict[MoELayer, dict[str, float]]) -> float:
-    if isinstance(module, MoELayer):
+def _flops(module: nn.Module, tokens_per_image: int, moe: dict[nn.Module, dict[str, float]]) -> float:
+    if module in moe:
         return moe[module]["flops_per_token"]
     flops = 0.0
     if isinstance(module, nn.Linear):
@@ -66,7 +81,7 @@ def model_accounting(model: nn.Module, tokens_per_image: int, measured_rows: dic
     (``ForwardAux.rows_per_token()``), for routers whose k depends on the data (dynamic k).
     """
     measured = measured_rows or {}
-    moe = {m: m.accounting(tokens_per_image, measured.get(i)) for i, m in moe_layers(model).items()}
+    moe = {m: m.accounting(tokens_per_image, measured.get(i)) for i, m in routed_layers(model).items()}
     params_total = float(sum(p.numel() for p in model.parameters()))
     params_inactive = sum(a["params_total"] - a["params_active"] for a in moe.values())
     params_experts = sum(a["params_experts"] for a in moe.values())
@@ -85,6 +100,7 @@ def model_accounting(model: nn.Module, tokens_per_image: int, measured_rows: dic
         "flops_experts_per_token": float(flops_experts),
         "expert_param_share": params_experts / params_total if params_total else 0.0,
         "expert_flop_share": flops_experts / flops if flops else 0.0,
-        "moe_layers": float(len(moe)),
+        "moe_layers": float(sum(isinstance(m, MoELayer) for m in moe)),
+        "attention_heads_layers": float(sum(not isinstance(m, MoELayer) for m in moe)),
         **per_type,
     }

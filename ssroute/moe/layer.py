@@ -4,10 +4,11 @@ It routes the flattened tokens per image (``tokens_per_group = tokens``) and
 executes the :class:`~ssroute.routing.Routing`:
 
 - sparse routings sort the (token, expert) pairs by expert, gather the tokens,
-  run each expert once on its contiguous block, weight the outputs and scatter
-  them back with ``index_add`` — no per-token loop and no ``[tokens, experts,
-  capacity]`` one-hot (that is :func:`dense_reference`, the V-MoE dispatch the
-  tests compare against);
+  run each expert once on its contiguous block, weight the outputs and bring
+  them back to their tokens (:mod:`ssroute.moe.dispatch`: a gather when each
+  token has at most one expert, ``index_add`` otherwise) — no per-token loop and
+  no ``[tokens, experts, capacity]`` one-hot (that is :func:`dense_reference`,
+  the V-MoE dispatch the tests compare against);
 - soft routings (Soft MoE, Puigcerver et al. 2023) mix tokens into slots with
   the dispatch weights and slots back into tokens with the combine weights.
 
@@ -19,7 +20,9 @@ training loop; :meth:`MoELayer.forward` is the plain drop-in FFN.
 
 Routing groups are ``group_images`` images (1: per image, as V-MoE's default
 group of one image's tokens): capacity, batch priority, expert choice, soft
-slots, set matching and the balance losses act within a group.
+slots, set matching and the balance losses act within a group. A batch that
+``group_images`` does not divide is grouped by its largest divisor below it
+(:func:`images_per_group`).
 
 >>> import torch
 >>> moe = build_moe(dim=16, hidden=32, num_experts=4, router="token_choice", k=2)
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 
 from ssroute.errors import ConfigError
 from ssroute.experts import EXPERTS, ExpertBank, ExpertContext, build_experts
+from ssroute.moe.dispatch import combine, dispatch, plan_dispatch
 from ssroute.registry import option_names
 from ssroute.routing import COMMON_OPTIONS, ROUTERS, Router, Routing, build_router
 
@@ -82,7 +86,7 @@ class MoELayer(nn.Module):
         """``[batch, tokens, dim] -> ([batch, tokens, dim], Routing of the batch * tokens flat tokens)``."""
         batch, tokens, dim = x.shape
         flat = x.reshape(batch * tokens, dim)
-        group = tokens * (self.group_images if batch % self.group_images == 0 else 1)  # a ragged batch routes per image
+        group = tokens * images_per_group(batch, self.group_images)
         router_in = flat
         if self.router_context:
             router_in = torch.lerp(x, x.mean(dim=1, keepdim=True), self.router_context).reshape(batch * tokens, dim)
@@ -93,15 +97,10 @@ class MoELayer(nn.Module):
         """Apply the experts to ``flat [tokens, dim]`` as ``routing`` says."""
         if routing.is_soft:
             return self._execute_soft(flat, routing)
-        order = torch.argsort(routing.expert, stable=True)
-        token = routing.token.index_select(0, order)
-        sizes = torch.bincount(routing.expert, minlength=self.num_experts).tolist()  # block sizes must be host ints
-        context = ExpertContext(token, routing.tokens_per_group, routing.num_groups)
-        y = self.experts(flat.index_select(0, token), sizes, context)
-        y = y * routing.weight.index_select(0, order).unsqueeze(1).to(y.dtype)
-        # y's dtype, not flat's: under autocast the experts compute in bfloat16. In place:
-        # the out-of-place index_add would copy the zeros once more.
-        return y.new_zeros(flat.shape[0], y.shape[1]).index_add_(0, token, y)
+        plan = plan_dispatch(routing.token, routing.expert, flat.shape[0], self.num_experts)
+        context = ExpertContext(plan.row_token, routing.tokens_per_group, routing.num_groups)
+        y = self.experts(dispatch(flat, plan), plan.sizes, context)
+        return combine(y, routing.weight, plan, flat.shape[0])
 
     def _execute_soft(self, flat: Tensor, routing: Routing) -> Tensor:
         groups, n, experts, slots = routing.dispatch_weights.shape
@@ -172,6 +171,16 @@ def dense_reference(experts: ExpertBank, flat: Tensor, routing: Routing, capacit
     y = experts(buffers.reshape(experts_ * groups * slots, -1), [groups * slots] * experts_, context)
     out = torch.einsum("gnec,egcd->gnd", combine, y.view(experts_, groups, slots, -1))
     return out.reshape(flat.shape)
+
+
+def images_per_group(batch: int, group_images: int) -> int:
+    """Images per routing group for a batch: ``group_images``, or for a batch it does not divide (the last
+    batch of an evaluation) the largest divisor of the batch below it, so groups stay near the asked size.
+
+    >>> images_per_group(256, 64), images_per_group(104, 64), images_per_group(7, 64), images_per_group(67, 64)
+    (64, 52, 7, 1)
+    """
+    return next(g for g in range(min(group_images, batch), 0, -1) if batch % g == 0)
 
 
 def build_moe(

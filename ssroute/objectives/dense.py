@@ -63,10 +63,11 @@ class DensePatchLoss(nn.Module):
             raise ConfigError(f"dense.loss={loss!r} is unknown; choose one of {list(LOSSES)}.")
         if loss == "vicreg":
             self.head: nn.Module = VicRegLLocalProjectionHead(dim, hidden, out)
-            self.loss: nn.Module = VICRegLoss(gather_distributed=True)
+            # per-rank statistics: ranks hold different numbers of valid pairs, which a gather cannot join
+            self.loss: nn.Module = VICRegLoss(gather_distributed=False)
         else:
             self.head = SimCLRProjectionHead(dim, hidden, out)
-            self.loss = NTXentLoss(temperature=temperature, gather_distributed=True)
+            self.loss = NTXentLoss(temperature=temperature, gather_distributed=False)
         self.max_pairs, self.soft = max_pairs, soft
 
     def forward(self, tokens1: Tensor, tokens2: Tensor, match: Correspondence) -> Tensor:

@@ -7,7 +7,9 @@ other way round — SwAV's swapped prediction (Caron et al. 2020, arXiv 2006.098
 applied to routing. Consistency alone is met by sending every patch to one
 expert, so targets are balanced: with ``balance="sinkhorn"`` they are
 Sinkhorn-Knopp projections of the partner distributions onto equal expert
-usage (SwAV's equipartition); with ``balance="entropy"`` the loss adds the
+usage (SwAV's equipartition); with ``balance="sinkhorn_position"`` every patch
+position of the grid is balanced on its own, so a target never depends on where
+a patch is, only on what it shows; with ``balance="entropy"`` the loss adds the
 negative entropy of mean expert usage.
 
 Shapes: ``probs`` ``[batch, tokens, experts]`` per view; partners and masks ``[batch, tokens]``.
@@ -37,6 +39,7 @@ from ssroute.routing import Routing
 from ssroute.routing.image import ImageRouting
 
 EPS = 1e-8
+BALANCES = ("sinkhorn", "sinkhorn_position", "entropy", "none")
 
 
 def sharpen(probs: Tensor, temperature: float) -> Tensor:
@@ -55,20 +58,48 @@ def sinkhorn_targets(probs: Tensor, temperature: float, iterations: int = 30) ->
     iterations kept a 0.43 usage share on one of 8 experts; 30 log-domain
     iterations bring it to 0.13-0.18).
     """
-    log_q = torch.log(probs.float().clamp_min(EPS)) / temperature
-    rows, experts = log_q.shape
+    # [experts, rows] layout: both reductions then run along contiguous memory or across whole rows,
+    # where a logsumexp over the 8-wide expert axis of [rows, experts] is many times slower on CPU
+    log_q = (torch.log(probs.float().clamp_min(EPS)) / temperature).t().contiguous()
+    experts = log_q.shape[0]
     for _ in range(iterations):
-        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(experts)  # every expert gets rows/E of the mass
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)  # every row is a distribution
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(experts)  # every expert gets rows/E of the mass
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True)  # every row is a distribution
+    return log_q.exp().t().to(probs.dtype)
+
+
+@torch.no_grad()
+def position_sinkhorn_targets(probs: Tensor, valid: Tensor, temperature: float, iterations: int = 30) -> Tensor:
+    """``[batch, positions, experts]`` -> targets with equal expert usage *at every position* (over the valid rows).
+
+    Balancing each grid position on its own makes a token's position say nothing of its target expert, so a
+    router that predicts the targets has to read the content: partitioning the patch grid no longer pays.
+
+    >>> import torch
+    >>> by_position = torch.eye(2).expand(6, 2, 2) * 0.98 + 0.01  # position 0 -> expert 0, position 1 -> expert 1
+    >>> targets = position_sinkhorn_targets(by_position, torch.ones(6, 2, dtype=torch.bool), temperature=0.1)
+    >>> targets.sum(dim=0).round(decimals=3).tolist()  # each position's mass split evenly over both experts
+    [[3.0, 3.0], [3.0, 3.0]]
+    """
+    log_q = torch.log(probs.float().clamp_min(EPS)) / temperature
+    experts = probs.shape[-1]
+    outside = torch.where(valid, 0.0, float("-inf")).unsqueeze(-1)  # invalid rows take no mass
+    share = torch.log(valid.sum(dim=0).clamp_min(1).float() / experts).unsqueeze(-1)  # [positions, 1]
+    for _ in range(iterations):
+        log_q = log_q - torch.logsumexp(log_q + outside, dim=0, keepdim=True) + share  # every expert gets its share at each position
+        log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)  # every row is a distribution
     return log_q.exp().to(probs.dtype)
 
 
 def _swapped_cross_entropy(student: Tensor, partner_probs: Tensor, valid: Tensor, temperature: float, balance: str) -> Tensor:
-    """Cross-entropy of ``student`` rows to targets built from ``partner_probs``, their partners' distributions."""
+    """Cross-entropy of ``student [batch, tokens, experts]`` rows to targets built from ``partner_probs``, their partners' distributions."""
     rows_student = student[valid]
-    rows_teacher = partner_probs[valid].detach()
     if rows_student.shape[0] == 0:
         return student.sum() * 0.0
+    if balance == "sinkhorn_position":
+        target = position_sinkhorn_targets(partner_probs.detach(), valid, temperature)[valid]
+        return -(target * torch.log(rows_student.clamp_min(EPS))).sum(dim=-1).mean()
+    rows_teacher = partner_probs[valid].detach()
     if balance == "sinkhorn":
         target = sinkhorn_targets(rows_teacher, temperature)
     else:
@@ -126,10 +157,10 @@ def swapped_prediction(
 ) -> Tensor:
     """The symmetric loss given each token's partner distribution: ``partners1 [batch, tokens, experts]`` is the
     view-2 distribution paired with each view-1 token (a containing patch, or a blend of soft partners), and so on."""
-    if balance not in ("sinkhorn", "entropy", "none"):
+    if balance not in BALANCES:
         from ssroute.errors import ConfigError
 
-        raise ConfigError(f"routing consistency balance={balance!r} is unknown; choose sinkhorn, entropy or none.")
+        raise ConfigError(f"routing consistency balance={balance!r} is unknown; choose one of {', '.join(BALANCES)}.")
     loss = 0.5 * (
         _swapped_cross_entropy(probs1, partners1, valid1, temperature, balance) + _swapped_cross_entropy(probs2, partners2, valid2, temperature, balance)
     )

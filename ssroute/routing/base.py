@@ -187,6 +187,10 @@ class Router(nn.Module):
     learned: ClassVar[bool] = True
     per_token: ClassVar[bool] = True
     soft: ClassVar[bool] = False
+    # Routers that add ``expert_logit_offset`` ([experts], when set) to their logits before choosing:
+    # structured pruning (ssroute.prune) masks experts out through it, -inf-like for a removed expert.
+    maskable_experts: ClassVar[bool] = False
+    expert_logit_offset: Tensor | None = None
 
     def __init__(self, dim: int, num_experts: int) -> None:
         super().__init__()

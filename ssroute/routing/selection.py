@@ -48,6 +48,8 @@ class MLPSelectionRouter(Router):
         straight_through: let gradients reach the MLP through weights that stay 1.
     """
 
+    maskable_experts = True
+
     def __init__(
         self,
         dim: int,
@@ -95,7 +97,8 @@ class MLPSelectionRouter(Router):
 
     def scores(self, tokens: Tensor) -> Tensor:
         """``[tokens, experts]`` predicted activation mass (logits of its share)."""
-        return self.mlp(tokens)
+        scores = self.mlp(tokens)
+        return scores if self.expert_logit_offset is None else scores + self.expert_logit_offset
 
     def forward(self, tokens: Tensor, tokens_per_group: int | None = None) -> Routing:
         n = self.group_size(tokens, tokens_per_group)

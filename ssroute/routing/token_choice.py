@@ -144,6 +144,8 @@ class TokenChoiceRouter(NoisyTopKRouter):
             scale (normalised tokens and expert vectors, SwAV-style prototypes).
     """
 
+    maskable_experts = True
+
     def __init__(
         self,
         dim: int,
@@ -170,6 +172,8 @@ class TokenChoiceRouter(NoisyTopKRouter):
         n = self.group_size(tokens, tokens_per_group)
         noise = self.noise_std if self.training else 0.0
         logits = self.gate(tokens)
+        if self.expert_logit_offset is not None:
+            logits = logits + self.expert_logit_offset
         g = noisy_top_k(logits, self.k, noise, self.normalize_weights, selection=self.selection_scores(logits.detach(), n))
         pair = choice_order(g.chosen, n, g.priority if self.batch_priority else None)
         token = torch.div(pair, self.k, rounding_mode="floor")
@@ -210,6 +214,8 @@ class SinkhornTokenChoiceRouter(TokenChoiceRouter):
         sinkhorn_iters: sinkhorn normalisation steps per group.
         temperature: sinkhorn temperature on the logits.
     """
+
+    maskable_experts = False  # the balanced plan spreads tokens over every expert, a masked one too
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ class ResumableModule(pl.LightningModule):
         loader = self.trainer.train_dataloader
         if isinstance(loader, ResumableLoader):
             loader.mark_consumed()
+            loader.check_data()
         self._batch_images = batch[0].shape[0] * self.trainer.world_size
         self._clock = time.perf_counter()
 
@@ -51,12 +52,21 @@ class ResumableModule(pl.LightningModule):
 
     def log_routing(self, aux) -> None:
         """Per-expert load share and dropped-token share of every routed block of this step's forward
-        (``aux``: a :class:`~ssroute.models.aux.ForwardAux`), and the ``depth/*`` statistics of routing over depth."""
+        (``aux``: a :class:`~ssroute.models.aux.ForwardAux`), and the ``depth/*`` statistics of routing over depth.
+
+        Only on the steps whose metrics Lightning writes (every ``trainer.log_every_n_steps``): gathering a
+        value per expert costs about as much as the MoE layer's own routing on small models.
+        """
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps):
+            return
+        values: dict[str, float] = {}
         for block, routing in aux.routings.items():
             load = routing.load().float()
-            for expert, share in enumerate(load / load.sum().clamp_min(1)):
-                self.log(f"block{block}/load_e{expert}", share)
-            self.log(f"block{block}/dropped", routing.num_dropped.float() / routing.num_tokens)
+            shares = (load / load.sum().clamp_min(1)).tolist()
+            values.update({f"block{block}/load_e{expert}": share for expert, share in enumerate(shares)})
+            values[f"block{block}/dropped"] = float(routing.num_dropped) / routing.num_tokens
+        if values:
+            self.log_dict(values)
         if aux.depth is not None:
             from ssroute.models.depth_stats import DepthStats
 

@@ -25,6 +25,7 @@ record; at the end it is written to ``<run>/routing_history.pt``:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ class RoutingFluctuation(pl.Callback):
         self.probe_count = 0  # probe images actually used (fewer when the split is smaller)
         self.tokens_per_image = 0
         self._probe_images: torch.Tensor | None = None  # uint8 [probe_count, C, H, W], gathered once
+        self.time_s = 0.0  # wall time spent taking snapshots
 
     # -- recording --------------------------------------------------------------------------
     def _probe(self, pl_module: pl.LightningModule) -> torch.Tensor:
@@ -78,6 +80,7 @@ class RoutingFluctuation(pl.Callback):
         backbone = pl_module.backbone
         if not moe_layers(backbone):
             return
+        start = time.perf_counter()
         images = self._probe(pl_module)
         found: dict[int, list[torch.Tensor]] = {}
         # eval mode, no autograd, own random stream: the probe must leave no trace in the training (exact resumes)
@@ -90,6 +93,7 @@ class RoutingFluctuation(pl.Callback):
         for block, parts in found.items():
             self.snapshots.setdefault(f"blocks.{block}.ffn", []).append(torch.cat(parts).to("cpu", torch.int16))
         self.steps.append(trainer.global_step)
+        self.time_s += time.perf_counter() - start
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.steps:  # a resumed run already holds its earlier snapshots
@@ -127,24 +131,40 @@ class RoutingFluctuation(pl.Callback):
         return fluctuation_metrics(history["experts"], history["steps"])
 
     def state_dict(self) -> dict[str, Any]:
-        return self.history()
+        return {**self.history(), "time_s": self.time_s}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.time_s = state_dict.get("time_s", 0.0)
         self.steps = [int(s) for s in state_dict["steps"]]
         self.snapshots = {name: list(experts.unbind(0)) for name, experts in state_dict["experts"].items()}
         self.probe_split, self.probe_count = state_dict["probe_split"], state_dict["probe_images"]
         self.tokens_per_image = state_dict["tokens_per_image"]
 
 
+def monitor_every(knn_every_n_epochs: int | None, max_epochs: int, measurements: int = 10) -> int:
+    """Epochs between online measurements: ``knn_every_n_epochs``, or for None about ``measurements`` per run (0 = off).
+
+    >>> monitor_every(None, 150), monitor_every(None, 3), monitor_every(2, 150), monitor_every(0, 150)
+    (15, 1, 2, 0)
+    """
+    if knn_every_n_epochs is None:
+        return max(1, max_epochs // measurements)
+    return int(knn_every_n_epochs)
+
+
 class OnlineMonitor(pl.Callback):
     """kNN accuracy and routing agreement while training, every ``every_n_epochs`` epochs and at the end.
 
-    Cheap by design: the weighted kNN uses the first ``train_images`` labelled
-    training images as references and the first ``held_out_images`` held-out
-    images as queries; agreement pairs two views (the training augmentations) of
-    the first ``routing_images`` held-out images once. Rank 0 measures; the
-    values go to the progress bar and the log (``monitor/...``), never into
-    ``metrics.json``, which the full evaluation at the end writes.
+    Cheap by design, so that it stays a small share of the training time (the
+    default period, :func:`monitor_every`, gives about ten measurements a run):
+    the weighted kNN uses the first ``train_images`` labelled training images as
+    references and the first ``held_out_images`` held-out images as queries;
+    agreement pairs two views (the training augmentations) of the first
+    ``routing_images`` held-out images once. The subsets are gathered once. Rank
+    0 measures; the values go to the progress bar and the log (``monitor/...``),
+    never into ``metrics.json``, which the full evaluation at the end writes; the
+    time spent, ``time_s``, is kept across resumes and reported as
+    ``monitor_time_s``.
 
     Args:
         every_n_epochs: epochs between measurements (positive).
@@ -152,23 +172,28 @@ class OnlineMonitor(pl.Callback):
         batch_size: images per forward.
     """
 
-    def __init__(self, every_n_epochs: int, train_images: int = 2048, held_out_images: int = 1024, routing_images: int = 256, batch_size: int = 512) -> None:
+    def __init__(
+        self, every_n_epochs: int, train_images: int = 1024, held_out_images: int = 512, routing_images: int = 256, batch_size: int = 512
+    ) -> None:
         if every_n_epochs <= 0:
             raise ValueError(f"every_n_epochs must be positive, got {every_n_epochs}")
         self.every_n_epochs, self.batch_size = every_n_epochs, batch_size
         self.sizes = (train_images, held_out_images, routing_images)
-        self._sets: tuple[torch.Tensor, ...] | None = None
+        self._sets: tuple[tuple[torch.Tensor, ...] | None, torch.Tensor] | None = None
+        self.time_s = 0.0  # wall time spent measuring
 
-    def _subsets(self, module: pl.LightningModule) -> tuple[torch.Tensor, ...]:
+    def _subsets(self, module: pl.LightningModule) -> tuple[tuple[torch.Tensor, ...] | None, torch.Tensor]:
+        """``((train images, labels, held-out images, labels) or None without labels, routing images)``, gathered once."""
         if self._sets is None:
             from ssroute.eval.evaluation import held_out_images
 
-            data = module.data
-            train = data.probe_train
-            count = min(self.sizes[0], len(train))
-            train_x = train.images[:count] if train.images is not None else torch.stack([train[i][0] for i in range(count)])
-            test_x, test_y = held_out_images(data, self.sizes[1])
-            self._sets = (train_x, train.labels[:count], test_x, test_y)
+            data, knn = module.data, None
+            if data.labeled and data.test is not None:
+                train = data.probe_train
+                count = min(self.sizes[0], len(train))
+                train_x = train.images[:count] if train.images is not None else torch.stack([train[i][0] for i in range(count)])
+                knn = (train_x, train.labels[:count], *held_out_images(data, self.sizes[1]))
+            self._sets = (knn, held_out_images(data, self.sizes[2])[0])
         return self._sets
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -180,22 +205,32 @@ class OnlineMonitor(pl.Callback):
             return
         from ssroute.eval.stability import measure as measure_agreement
 
+        start = time.perf_counter()
         metrics: dict[str, float] = {}
         backbone = module.backbone
-        if module.data.labeled and module.data.test is not None:
-            train_x, train_y, test_x, test_y = self._subsets(module)
-            embed = lambda x: torch.cat([backbone(module.augment.normalize(c.to(module.device)))[0].float().cpu() for c in x.split(self.batch_size)])  # noqa: E731
+        knn, routing_x = self._subsets(module)
+        if knn is not None:
+            train_x, train_y, test_x, test_y = knn
+            embed = lambda x: torch.cat(
+                [backbone(module.augment.normalize(c.to(module.device)))[0].float().cpu() for c in x.split(self.batch_size)]
+            )  # noqa: E731
             with evaluating(backbone):
                 metrics["knn_top1"] = knn_accuracy(embed(train_x), train_y, embed(test_x), test_y)
         if moe_layers(backbone):
-            from ssroute.eval.evaluation import held_out_images
-
-            images, _ = held_out_images(module.data, self.sizes[2])
             with evaluating(backbone, seed=trainer.global_step):
-                stats = measure_agreement(backbone, module.augment, images.to(module.device), pairs=1, batch_size=self.batch_size).compute()
+                stats = measure_agreement(
+                    backbone, module.augment, routing_x.to(module.device), pairs=1, batch_size=self.batch_size
+                ).compute()
             metrics.update({k: stats[k] for k in ("routing_agreement", "routing_agreement_chance")})
         for key, value in metrics.items():
             module.log(f"monitor/{key}", value, prog_bar=True, rank_zero_only=True)
+        self.time_s += time.perf_counter() - start
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"time_s": self.time_s}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.time_s = state_dict.get("time_s", 0.0)
 
 
-__all__ = ["OnlineMonitor", "RoutingFluctuation"]
+__all__ = ["OnlineMonitor", "RoutingFluctuation", "monitor_every"]

@@ -19,9 +19,12 @@ from ssroute.checkpoint import check_data_fits, load_pretrained, resolve_checkpo
 from ssroute.config import resolve_data_defaults, validate_finetune
 from ssroute.data import build_data, label_subset
 from ssroute.errors import ConfigError
+from ssroute.models.compile import compile_backbone
 from ssroute.train.finetune_module import FinetuneModule
+from ssroute.train.loggers import check_loggers
 from ssroute.train.run import build_trainer, find_resume_dir, finish_run, quiet_third_party_logs, resumed_config, save_config
 from ssroute.train.schedule import resolve_stack_model
+from ssroute.train.threads import apply_threads
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     if resume_dir is not None:
         cfg, run_dir = resumed_config(resume_dir, cfg), resume_dir
     validate_finetune(cfg)
+    apply_threads(cfg.trainer)
+    check_loggers(cfg.trainer.get("loggers") or [])
     backbone_state = None
     if cfg.checkpoint and resume_dir is None:
         with open_dict(cfg):
@@ -71,7 +76,9 @@ def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     data = build_data(cfg.data, cfg.seed)
     resolve_data_defaults(cfg, data.image_size, finetune=True)
     if not data.labeled:
-        raise ConfigError(f"data {cfg.data.name} at {cfg.data.root} has no labels (no class subfolders); fine-tuning needs a labelled dataset, e.g. data=image_folder with one subfolder per class.")
+        raise ConfigError(
+            f"data {cfg.data.name} at {cfg.data.root} has no labels (no class subfolders); fine-tuning needs a labelled dataset, e.g. data=image_folder with one subfolder per class."
+        )
     if backbone_state is not None:
         check_data_fits(cfg.data.name, data, backbone_state, cfg.model.patch_size)
     train_set = data.probe_train
@@ -82,6 +89,8 @@ def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
         module = FinetuneModule(cfg, data, train_set, backbone_state)
     except RuntimeError as err:  # load_state_dict: missing / unexpected / mis-shaped weights
         raise ConfigError(f"the checkpoint's weights do not fit the model built from its config ({str(err).splitlines()[0]}); the checkpoint is from an incompatible version.") from None
+    if cfg.trainer.get("compile"):
+        log.info("torch.compile on %s", ", ".join(compile_backbone(module.backbone)))
     trainer = build_trainer(cfg, run_dir, [], monitor=False)
     if trainer.is_global_zero:
         save_config(cfg, run_dir)

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ssroute.checkpoint import ModelInputs
 from ssroute.data import DataBundle, ImageSet
-from ssroute.data.loader import ResumableLoader
+from ssroute.data.loader import ResumableLoader, loader_workers
 from ssroute.data.views import ViewAugment
 from ssroute.errors import ConfigError
 from ssroute.eval.features import eval_loader, gather_unique
@@ -38,7 +39,7 @@ class FinetuneModule(ResumableModule):
     def __init__(self, cfg: DictConfig, data: DataBundle, train_set: ImageSet, backbone_state: dict[str, torch.Tensor] | None) -> None:
         super().__init__()
         self.cfg, self.data, self.train_set = cfg, data, train_set
-        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True), "inputs": ModelInputs.of_data(data).as_dict()})
         self.backbone = build_backbone(cfg, data.image_size, data.channels)
         if backbone_state is not None:
             self.backbone.load_state_dict(backbone_state)
@@ -68,11 +69,18 @@ class FinetuneModule(ResumableModule):
     def train_dataloader(self) -> ResumableLoader:
         batch = min(self.cfg.data.batch_size, len(self.train_set) // self.trainer.world_size)
         return ResumableLoader(
-            self.train_set, batch, self.cfg.seed, self.global_rank, self.trainer.world_size, num_workers=self.cfg.data.num_workers
+            self.train_set,
+            batch,
+            self.cfg.seed,
+            self.global_rank,
+            self.trainer.world_size,
+            num_workers=loader_workers(self.cfg.data.num_workers, self.train_set),
         )
 
     def val_dataloader(self):
-        return eval_loader(self.data.test, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers)
+        return eval_loader(
+            self.data.test, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers or 0
+        )
 
     def features(self, images: torch.Tensor):
         """``(features [batch, dim], ForwardAux)``; a frozen backbone (``mode=linear``) runs in eval mode without autograd."""
@@ -89,7 +97,9 @@ class FinetuneModule(ResumableModule):
     def find_superclasses(self) -> None:
         """Super-class ids of the classes: k-means of class-mean features of the model before fine-tuning (or of
         ``superclass.checkpoint``), numbered to agree most with the image routers' current choices."""
-        loader = eval_loader(self.train_set, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers)
+        loader = eval_loader(
+            self.train_set, self.cfg.eval_batch_size, self.global_rank, self.trainer.world_size, self.cfg.data.num_workers or 0
+        )
         found = pooled_features(self.backbone, loader, self.augment.normalize, self.device)
         if self.cfg.superclass.checkpoint:
             source = feature_backbone(self.cfg.superclass.checkpoint, self.data).to(self.device)

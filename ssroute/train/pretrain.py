@@ -11,10 +11,13 @@ from omegaconf import DictConfig
 from ssroute.config import resolve_data_defaults, validate_pretrain
 from ssroute.data import build_data
 from ssroute.eval.evaluation import RUN_PROTOCOLS
-from ssroute.train.callbacks import RoutingFluctuation
+from ssroute.models.compile import compile_backbone
+from ssroute.train.callbacks import OnlineMonitor, RoutingFluctuation
+from ssroute.train.loggers import check_loggers
 from ssroute.train.pretrain_module import PretrainModule, check_pretrain_config, throughput
 from ssroute.train.run import build_trainer, find_resume_dir, finish_run, quiet_third_party_logs, resumed_config, save_config
 from ssroute.train.schedule import resolve_stack
+from ssroute.train.threads import apply_threads
 
 log = logging.getLogger(__name__)
 
@@ -27,25 +30,45 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
         cfg, run_dir = resumed_config(resume_dir, cfg), resume_dir
         log.info("resuming %s from checkpoints/last.ckpt", run_dir)
     validate_pretrain(cfg)
+    threads = apply_threads(cfg.trainer)
+    check_loggers(cfg.trainer.get("loggers") or [])
     data = build_data(cfg.data, cfg.seed)
     resolve_data_defaults(cfg, data.image_size)
     resolve_stack(cfg)
     check_pretrain_config(cfg, data)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PretrainModule(cfg, data)
+    if cfg.trainer.get("compile"):
+        log.info("torch.compile on %s", ", ".join(compile_backbone(module.backbone)))
     trainer = build_trainer(cfg, run_dir, [])
     if trainer.is_global_zero:
         save_config(cfg, run_dir)
-        log.info("pretraining %s on %s (%d images, %dx%d, %d channel(s)) with patch size %d for %d epochs; run folder %s",
-                 cfg.ssl.name, data.name, len(data.train), data.image_size, data.image_size, data.channels,
-                 cfg.model.patch_size, cfg.trainer.max_epochs, run_dir)
+        log.info(
+            "pretraining %s on %s (%d images, %dx%d, %d channel(s)) with patch size %d for %d epochs; run folder %s",
+            cfg.ssl.name,
+            data.name,
+            len(data.train),
+            data.image_size,
+            data.image_size,
+            data.channels,
+            cfg.model.patch_size,
+            cfg.trainer.max_epochs,
+            run_dir,
+        )
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     trainer.fit(module, ckpt_path=str(ckpt) if resume_dir is not None else None)
     trainer.save_checkpoint(str(ckpt))
-    metrics: dict[str, float] = {"epochs": trainer.current_epoch, "steps": trainer.global_step, **throughput(module)}
+    metrics: dict[str, float] = {"epochs": trainer.current_epoch, "steps": trainer.global_step, **throughput(module), "threads": threads}
+    if data.reader is not None:  # a lazily read image folder: files that failed to decode were skipped
+        metrics["unreadable_images"] = data.reader.bad_count()
+        if metrics["unreadable_images"]:
+            log.warning("skipped %d unreadable image file(s): %s", metrics["unreadable_images"], ", ".join(data.reader.bad_files()[:5]))
+    metrics["monitor_time_s"] = 0.0  # measuring while training: the online monitor and the routing snapshots
     for callback in trainer.callbacks:
         if isinstance(callback, RoutingFluctuation):
             metrics.update(callback.metrics())
+        if isinstance(callback, (OnlineMonitor, RoutingFluctuation)):
+            metrics["monitor_time_s"] = round(metrics["monitor_time_s"] + callback.time_s, 2)
     finish_run(cfg, run_dir, module, trainer, metrics, run_protocols=RUN_PROTOCOLS)
     return run_dir
 

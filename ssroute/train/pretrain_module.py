@@ -25,9 +25,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from ssroute.checkpoint import ModelInputs
 from ssroute.data import DataBundle
 from ssroute.data.correspondence import matches_of
-from ssroute.data.loader import ResumableLoader
+from ssroute.data.loader import ResumableLoader, loader_workers
 from ssroute.data.views import ViewAugment
 from ssroute.errors import ConfigError
 from ssroute.models import build_backbone
@@ -68,10 +69,12 @@ class PretrainModule(ResumableModule):
     def __init__(self, cfg: DictConfig, data: DataBundle) -> None:
         super().__init__()
         self.cfg, self.data = cfg, data
-        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True), "inputs": ModelInputs.of_data(data).as_dict()})
         self.backbone = build_backbone(cfg, data.image_size, data.channels)
         self.stages = stage_ranges(cfg.model)
-        self.plan = SchedulePlan(cfg.schedule.name, len(self.stages), cfg.schedule.epochs_per_block or cfg.trainer.max_epochs, cfg.schedule.joint_epochs)
+        self.plan = SchedulePlan(
+            cfg.schedule.name, len(self.stages), cfg.schedule.epochs_per_block or cfg.trainer.max_epochs, cfg.schedule.joint_epochs
+        )
         if self.plan.name == "end_to_end":
             self.encoders: list[Any] = [self.backbone]
         else:  # one local SSL head per stage, each on the frozen output of the stages below
@@ -108,7 +111,7 @@ class PretrainModule(ResumableModule):
             seed=self.cfg.seed,
             rank=self.global_rank,
             world_size=self.trainer.world_size,
-            num_workers=self.cfg.data.num_workers,
+            num_workers=loader_workers(self.cfg.data.num_workers, self.data.train),
         )
 
     # -- the schedule -----------------------------------------------------------------------
@@ -145,7 +148,11 @@ class PretrainModule(ResumableModule):
             if phase.teacher is not None:
                 phase.teacher.sync(phase.encoder)
         if phase.name != self._phase:
-            log.info("schedule %s: %s", self.plan.name, "all stages jointly" if phase.name == "joint" else f"stage {phase.name} of {len(self.stages)} on frozen stages below")
+            log.info(
+                "schedule %s: %s",
+                self.plan.name,
+                "all stages jointly" if phase.name == "joint" else f"stage {phase.name} of {len(self.stages)} on frozen stages below",
+            )
             self._phase = phase.name
         if self.k_schedule is not None:
             k = self.k_schedule(self.global_step)  # a pure function of the step: resumes keep it
@@ -167,24 +174,31 @@ class PretrainModule(ResumableModule):
         features, auxes = [f for f, _ in outputs], [a for _, a in outputs]
         losses = {"ssl": phase.objective(features, views.images, phase.encoder)}
         losses.update(mean_over_views([aux.losses for aux in auxes]))  # router balance, ponder costs
-        if self.consistent_blocks or phase.dense is not None:
-            matches = matches_of(views, [a.patches for a in auxes], self.backbone.patch_embed)  # corresponding patches of views 1 and 2
-        if phase.dense is not None:
-            losses["dense"] = self.cfg.dense.weight * phase.dense(auxes[0].tokens, auxes[1].tokens, matches[0])
-        if self.consistent_blocks:
-            blocks = [b for b in self.consistent_blocks if b >= phase.first_block]
-            targets = None
-            if phase.teacher is not None:  # DINO-style: the EMA teacher's routing of each view is the other view's target
-                with torch.no_grad():
-                    targets = tuple(phase.encoder(view, segment=phase.teacher.encoder)[1].routings for view in views.images[:2])
-            consistency = consistency_over_blocks((auxes[0].routings, auxes[1].routings), matches, blocks, self.cfg.consistency, targets)
-            if consistency is not None:
-                losses["consistency"] = self.cfg.consistency.weight * consistency
+        losses.update(self.correspondence_losses(phase, views, auxes))  # dense SSL and routing consistency
         if self.superclass is not None:
             losses.update(self.superclass.losses(self, auxes, index, phase.first_block))
         loss = torch.stack(list(losses.values())).sum()
         self.log_step(loss, losses, auxes[0])
         return loss
+
+    def correspondence_losses(self, phase: Phase, views, auxes: list) -> dict[str, Tensor]:
+        """The losses over corresponding patches of views 1 and 2: patch-level SSL on the phase's output tokens
+        (``dense``) and routing consistency of the trainable routed blocks (``consistency``)."""
+        blocks = [b for b in self.consistent_blocks if b >= phase.first_block]
+        if not blocks and phase.dense is None:
+            return {}
+        matches = matches_of(views, [a.patches for a in auxes], self.backbone.patch_embed)
+        losses = {}
+        if phase.dense is not None:
+            losses["dense"] = self.cfg.dense.weight * phase.dense(auxes[0].tokens, auxes[1].tokens, matches[0])
+        targets = None
+        if blocks and phase.teacher is not None:  # DINO-style: the EMA teacher's routing of each view is the other view's target
+            with torch.no_grad():
+                targets = tuple(phase.encoder(view, segment=phase.teacher.encoder)[1].routings for view in views.images[:2])
+        consistency = consistency_over_blocks((auxes[0].routings, auxes[1].routings), matches, blocks, self.cfg.consistency, targets)
+        if consistency is not None:
+            losses["consistency"] = self.cfg.consistency.weight * consistency
+        return losses
 
     def log_step(self, loss: Tensor, losses: dict[str, Tensor], aux) -> None:
         if not torch.isfinite(loss):
@@ -236,7 +250,9 @@ def build_schedule(cfg: DictConfig, backbone: nn.Module):
     options = dict(cfg)
     name = options.pop("name", None)
     if name is None:
-        raise ConfigError("k_schedule needs a name: constant, linear or random (for example k_schedule={name: linear, start: 4, end: 1, steps: 1000}).")
+        raise ConfigError(
+            "k_schedule needs a name: constant, linear or random (for example k_schedule={name: linear, start: 4, end: 1, steps: 1000})."
+        )
     schedule = build_k_schedule(name, **options)
     layers = moe_layers(backbone).values()
     if not layers:
@@ -255,7 +271,9 @@ def check_pretrain_config(cfg: DictConfig, data: DataBundle) -> None:
 
     check_patch_size(cfg.model.patch_size, data.image_size, data=cfg.data.name)
     if cfg.model.dim % cfg.model.heads:
-        raise ConfigError(f"model.dim={cfg.model.dim} is not divisible by model.heads={cfg.model.heads}; pick a dim that is a multiple of heads.")
+        raise ConfigError(
+            f"model.dim={cfg.model.dim} is not divisible by model.heads={cfg.model.heads}; pick a dim that is a multiple of heads."
+        )
     per_device = len(data.train) // max(1, _world_size(cfg))
     if per_device < cfg.data.batch_size:
         raise ConfigError(

@@ -3,7 +3,7 @@
 Every run is a folder (Hydra's output dir): the resolved ``config.yaml``,
 ``checkpoints/`` (``last.ckpt`` every N steps and at the end; Lightning writes
 them through an fsspec transaction, so a kill never leaves a half-written file),
-``logs/`` (CSV, TensorBoard when installed) and ``metrics.json`` (flat keys,
+``logs/`` (``trainer.loggers``: CSV by default; TensorBoard, W&B, MLflow) and ``metrics.json`` (flat keys,
 written atomically). A run without ``metrics.json`` is unfinished and can be
 resumed.
 """
@@ -40,7 +40,9 @@ def find_resume_dir(resume: Any, runs_root: Path) -> Path | None:
     if resume in (True, "true", "True"):
         candidates = [p.parent.parent for p in runs_root.glob("*/checkpoints/last.ckpt") if not (p.parent.parent / "metrics.json").exists()]
         if not candidates:
-            raise ConfigError(f"resume=true found no unfinished run with checkpoints/last.ckpt under {runs_root}; pass resume=RUN_FOLDER instead.")
+            raise ConfigError(
+                f"resume=true found no unfinished run with checkpoints/last.ckpt under {runs_root}; pass resume=RUN_FOLDER instead."
+            )
         return max(candidates, key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime)
     path = Path(str(resume))
     if not (path / "checkpoints" / "last.ckpt").exists():
@@ -63,24 +65,18 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], monitor: bool = True) -> pl.Trainer:
     """A Lightning Trainer for ``cfg.trainer`` writing into ``run_dir``.
 
+    Loggers are ``trainer.loggers`` (:mod:`ssroute.train.loggers`).
     MoE models get :class:`~ssroute.train.callbacks.RoutingFluctuation` (every
     ``trainer.fluctuation_every_n_steps`` steps; 0 = off); with ``monitor`` every
     model gets :class:`~ssroute.train.callbacks.OnlineMonitor` (every
-    ``trainer.knn_every_n_epochs`` epochs; 0 = off).
+    ``trainer.knn_every_n_epochs`` epochs; null = about ten times a run; 0 = off).
     """
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger
 
-    from ssroute.train.callbacks import OnlineMonitor, RoutingFluctuation
+    from ssroute.train.callbacks import OnlineMonitor, RoutingFluctuation, monitor_every
+    from ssroute.train.loggers import build_loggers
 
-    loggers: list = [CSVLogger(str(run_dir), name="logs", version="")]
-    try:
-        import tensorboard  # noqa: F401
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(str(run_dir), name="logs", version="tensorboard"))
-    except ImportError:
-        pass
+    loggers = build_loggers(cfg.trainer, run_dir)
     checkpoint = ModelCheckpoint(
         dirpath=str(run_dir / "checkpoints"),
         filename="last",
@@ -94,8 +90,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], 
     every = t.get("fluctuation_every_n_steps", 0)  # configs saved before the key existed have none
     if every and cfg.model.moe_layers:
         callbacks = [*callbacks, RoutingFluctuation(every, batch_size=cfg.eval_batch_size, run_dir=run_dir)]
-    if monitor and t.knn_every_n_epochs:
-        callbacks = [*callbacks, OnlineMonitor(t.knn_every_n_epochs, batch_size=cfg.eval_batch_size)]
+    every_epochs = monitor_every(t.knn_every_n_epochs, t.max_epochs)
+    if monitor and every_epochs:
+        callbacks = [*callbacks, OnlineMonitor(every_epochs, batch_size=cfg.eval_batch_size)]
     return pl.Trainer(
         default_root_dir=str(run_dir),
         max_epochs=t.max_epochs,
@@ -117,7 +114,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], 
 
 
 def finish_run(
-    cfg: DictConfig, run_dir: Path, module: pl.LightningModule, trainer: pl.Trainer, metrics: dict[str, Any], run_protocols: tuple[str, ...] = ()
+    cfg: DictConfig,
+    run_dir: Path,
+    module: pl.LightningModule,
+    trainer: pl.Trainer,
+    metrics: dict[str, Any],
+    run_protocols: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The end of a pretraining or fine-tuning run, on rank 0: evaluate the trained backbone, write ``metrics.json``.
 
@@ -134,6 +136,7 @@ def finish_run(
     from ssroute.config import EvalSettings
     from ssroute.eval.evaluation import evaluate_backbone, held_out_images
     from ssroute.moe import model_accounting
+    from ssroute.train.loggers import log_final
 
     if not trainer.is_global_zero:
         return metrics
@@ -151,6 +154,7 @@ def finish_run(
     merged = {**metrics, **model_accounting(backbone, backbone.patch_embed.num_tokens, aux.rows_per_token()), **result.metrics}
     write_json_atomic(run_dir / "metrics.json", merged)
     log.info("metrics: %s", {k: v for k, v in merged.items() if "/" not in k})
+    log_final(trainer.loggers, merged, sorted((run_dir / "eval" / "plots").glob("*.png")) if full else [], trainer.global_step)
     if full:
         log.info("evaluation written to %s", result.out_dir)
     return merged

@@ -92,8 +92,12 @@ class SuperclassTargets(nn.Module):
         if not cls.check(cfg, backbone):
             return None
         if cfg.superclass.checkpoint is not None:
-            raise ConfigError("superclass.checkpoint is for fine-tuning; pretraining clusters its own images, so drop superclass.checkpoint.")
-        return cls(cfg.superclass.weight, cfg.model.num_experts, train_images or 0, by_class=False, niter=cfg.superclass.niter, seed=cfg.seed)
+            raise ConfigError(
+                "superclass.checkpoint is for fine-tuning; pretraining clusters its own images, so drop superclass.checkpoint."
+            )
+        return cls(
+            cfg.superclass.weight, cfg.model.num_experts, train_images or 0, by_class=False, niter=cfg.superclass.niter, seed=cfg.seed
+        )
 
     # -- pretraining: image clusters --------------------------------------------------------------
     def refresh_clusters(self, module, training_blocks: range) -> None:
@@ -105,7 +109,7 @@ class SuperclassTargets(nn.Module):
         data, trainer = module.data.train, module.trainer
         if self.target_of.numel() != len(data):
             self.target_of = torch.full((len(data),), -1, dtype=torch.long, device=module.device)
-        loader = eval_loader(data, module.cfg.eval_batch_size, trainer.global_rank, trainer.world_size, module.cfg.data.num_workers)
+        loader = eval_loader(data, module.cfg.eval_batch_size, trainer.global_rank, trainer.world_size, module.cfg.data.num_workers or 0)
         found = pooled_features(module.backbone, loader, module.augment.normalize, module.device, blocks[0])
         features, top1, index = gather_unique(
             module.all_gather, found["features"], found["router_top1"], found["index"], index=found["index"], world_size=trainer.world_size

@@ -127,7 +127,8 @@ def upcycle_checkpoint(
     state.update({f"backbone.{key}": value for key, value in routed.state_dict().items()})
     info = {"source": str(resolve_checkpoint(checkpoint)), "num_experts": num_experts, "layers": layers, "selection": selection, "k": k,
             "steps": steps, "images": int(pick.numel()), "router_fit": report}  # fmt: skip
-    return {"hyper_parameters": {"config": new_config}, "state_dict": state, "upcycle": info}
+    inputs = {"inputs": source["hyper_parameters"]["inputs"]} if "inputs" in source["hyper_parameters"] else {}
+    return {"hyper_parameters": {"config": new_config, **inputs}, "state_dict": state, "upcycle": info}
 
 
 def save_upcycled(checkpoint: dict, run_dir) -> Path:

@@ -82,5 +82,26 @@ def test_usage_entropy_is_normalised():
 
 
 def test_unknown_balance_is_a_clear_error():
-    with pytest.raises(ConfigError, match="balance='max' is unknown; choose sinkhorn, entropy or none"):
+    with pytest.raises(ConfigError, match="balance='max' is unknown; choose one of sinkhorn, sinkhorn_position, entropy, none"):
         loss(balanced_routing(), balanced_routing(), balance="max")
+
+
+def test_position_balanced_targets_leave_position_no_say_in_the_target():
+    from ssroute.objectives.routing_consistency import position_sinkhorn_targets, sinkhorn_targets
+
+    torch.manual_seed(0)
+    # a router that partitions the grid: position n -> expert n % 4, content ignored
+    positions, experts, batch = 8, 4, 32
+    probs = torch.full((batch, positions, experts), 0.02)
+    probs[:, torch.arange(positions), torch.arange(positions) % experts] = 0.94
+    probs = probs + 0.01 * torch.rand_like(probs)  # content: a little per-image variation
+    probs = probs / probs.sum(-1, keepdim=True)
+    valid = torch.rand(batch, positions) > 0.2
+    targets = position_sinkhorn_targets(probs, valid, temperature=0.1)
+    assert torch.allclose(targets.sum(-1), torch.ones(batch, positions), atol=1e-5)
+    mass = (targets * valid.unsqueeze(-1)).sum(dim=0)  # [positions, experts]
+    expected = valid.sum(dim=0, keepdim=True).t().float() / experts
+    assert torch.allclose(mass, expected.expand(-1, experts), atol=1e-3)  # every position spread evenly, invalid rows ignored
+    balanced = sinkhorn_targets(probs[valid], 0.1)
+    per_position = torch.zeros(positions, experts).index_add_(0, valid.nonzero()[:, 1], balanced)
+    assert float(per_position.max(dim=1).values.div(per_position.sum(dim=1)).min()) > 0.9  # overall balance keeps the partition

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
         (["data.batch_size=5000"], "data.batch_size=5000 is larger than the 1437 training images per device"),
         (["data=image_folder"], "data=image_folder needs data.root=PATH"),
         (["resume=true"], "resume=true found no unfinished run"),
-        (["consistency.balance=max"], "consistency.balance='max' is unknown; choose sinkhorn, entropy or none"),
+        (["consistency.balance=max"], "consistency.balance='max' is unknown; choose sinkhorn, sinkhorn_position, entropy or none"),
     ],
 )
 def test_pretrain_bad_config(tmp_path, pretrain_cfg, overrides, message):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssroute.eval.fluctuation import fluctuation_metrics
-from ssroute.train.callbacks import RoutingFluctuation
+from ssroute.train.callbacks import OnlineMonitor, RoutingFluctuation
 from ssroute.train.pretrain import run_pretrain
 from ssroute.train.pretrain_module import PretrainModule
 from ssroute.train.run import build_trainer
@@ -103,9 +103,23 @@ def test_only_moe_models_with_a_positive_period_get_the_callback(tmp_path, pretr
     assert not found or (found[0].every_n_steps == 25 and found[0].run_dir == tmp_path)
 
 
+@pytest.mark.parametrize(("every", "epochs", "period"), [(None, 150, 15), (None, 3, 1), (None, 25, 2), (4, 150, 4), (0, 150, None)])
+def test_the_online_monitor_period_scales_with_the_budget(tmp_path, pretrain_cfg, every, epochs, period):
+    # null: about ten measurements a run, so measuring stays a small share of training; 0: off
+    cfg = pretrain_cfg([f"trainer.max_epochs={epochs}", f"trainer.knn_every_n_epochs={'null' if every is None else every}"])
+    found = [c for c in build_trainer(cfg, tmp_path, []).callbacks if isinstance(c, OnlineMonitor)]
+    assert [c.every_n_epochs for c in found] == ([] if period is None else [period])
+
+
 @pytest.mark.slow
 def test_the_online_monitor_logs_each_epoch_and_leaves_no_trace(tmp_path, pretrain_cfg):
-    budget = ["model.moe_layers=[1]", "model.num_experts=4", "data.train_subset=256", "trainer.max_epochs=2", "trainer.fluctuation_every_n_steps=0"]
+    budget = [
+        "model.moe_layers=[1]",
+        "model.num_experts=4",
+        "data.train_subset=256",
+        "trainer.max_epochs=2",
+        "trainer.fluctuation_every_n_steps=0",
+    ]
     monitored = run_pretrain(pretrain_cfg([*budget, "trainer.knn_every_n_epochs=1"]), tmp_path / "on")
     quiet = run_pretrain(pretrain_cfg([*budget, "trainer.knn_every_n_epochs=0"]), tmp_path / "off")
     rows = (monitored / "logs" / "metrics.csv").read_text().splitlines()
@@ -114,7 +128,10 @@ def test_the_online_monitor_logs_each_epoch_and_leaves_no_trace(tmp_path, pretra
         assert sum(1 for r in rows[1:] if r.split(",")[header.index(key)]) == 2, key  # once per epoch
     quiet_log = quiet / "logs" / "metrics.csv"
     assert not quiet_log.exists() or "monitor/knn_top1" not in quiet_log.read_text()
-    weights = [torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"] for r in (monitored, quiet)]
+    weights = [
+        torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"] for r in (monitored, quiet)
+    ]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # measuring changed nothing in the training
     a, b = (json.loads((r / "metrics.json").read_text()) for r in (monitored, quiet))
     assert a["knn_top1"] == b["knn_top1"] and a["routing_agreement"] == b["routing_agreement"]
+    assert a["monitor_time_s"] > 0 and b["monitor_time_s"] == 0  # the time spent measuring is reported next to train_time_s

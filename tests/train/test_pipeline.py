@@ -24,7 +24,7 @@ def test_pretrain_then_finetune_writes_run_folders(tmp_path, pretrain_cfg, finet
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("knn_top1", "linear_top1", "train_time_s", "images_per_s", "params_total"):
         assert key in metrics
-    assert 0.1 < metrics["knn_top1"] <= 1.0  # learned something beyond chance (0.1) even in 2 epochs
+    assert metrics["knn_top1"] > 0.3  # well beyond chance (0.1) even in 2 epochs
     assert (run / "config.yaml").exists() and (run / "logs" / "metrics.csv").exists()
     counts = torch.bincount(build_data(pretrain_cfg().data, 0).train.labels)
     expected_labels = sum(max(1, round(0.5 * int(c))) for c in counts)
@@ -49,7 +49,7 @@ def test_routed_backbone_pretrains_and_finetunes_with_its_router_from_the_checkp
     for key in ("routing_agreement", "routing_agreement_chance", "expert_usage_entropy", "dead_experts", "block1/routing_agreement"):
         assert key in metrics
     assert metrics["routing_agreement"] > metrics["routing_agreement_chance"] and metrics["expert_usage_entropy"] > 0.5
-    assert 0.0 < metrics["cka/block0_block1"] <= 1.0 + 1e-9
+    assert 0.5 < metrics["cka/block0_block1"] < 0.99999  # consecutive residual blocks: alike, but not the same features twice
     out = run_finetune(finetune_cfg([f"checkpoint={run}", "mode=linear", "trainer.max_epochs=1"]), tmp_path / "runs" / "ft", overrides=[])
     saved = (out / "config.yaml").read_text()
     assert "name: expert_choice" in saved and "moe_layers:\n  - 1" in saved
