@@ -23,7 +23,7 @@ would have. A resume uses the stored worker count (the order depends on it).
 Images are decoded in the workers to uint8 ``[channels, size, size]``
 (:func:`~ssroute.data.folder_reader.decode_image`); one that does not decode, or a sample
 without an image, takes the place of the worker's previous good image and is counted;
-:meth:`ShardLoader.check_data` stops training once more than ``data.max_bad_fraction``
+:meth:`~ssroute.data.shard_loader.ShardLoader.check_data` stops training once more than ``data.max_bad_fraction``
 of the samples failed. Items are ``(image, label, sample number)``, numbered in shard
 listing order.
 """
@@ -35,10 +35,9 @@ import itertools
 import logging
 import random
 from collections.abc import Iterator
-from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from ssroute.data.folder_reader import decode_image
 from ssroute.data.shards import IMAGE_KEYS, LABEL_KEY, ShardIndex, _webdataset
@@ -53,7 +52,7 @@ def _share(total: int, part: int, parts: int) -> int:
 
 
 class ShardStream(IterableDataset):
-    """One rank's batches of one epoch (see the module docstring); :class:`ShardLoader` sets what to yield.
+    """One rank's batches of one epoch (see the module docstring); :class:`~ssroute.data.shard_loader.ShardLoader` sets what to yield.
 
     Args:
         index: the shards and their sample counts.
@@ -153,87 +152,3 @@ class ShardStream(IterableDataset):
                 f"{count} samples in {self.index.option} have no image that decodes (more than data.max_bad_fraction of "
                 f"{len(self.index)}); repair or drop the shards, or raise data.max_bad_fraction."
             )
-
-
-class _EpochMarker(Sampler):
-    """Stands in for the DataLoader's endless sampler of an iterable dataset, so that Lightning's
-    ``set_epoch`` (as on a DistributedSampler) reaches the stream."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[None]:
-        return itertools.repeat(None)
-
-
-class ShardLoader(DataLoader):
-    """The training loader over a :class:`ShardStream`, with the interface of
-    :class:`~ssroute.data.loader.ResumableLoader`: call :meth:`mark_consumed` as each step starts.
-
-    Args:
-        stream: the shards to read.
-        batch_size: images per batch per rank.
-        seed: the run's seed.
-        rank: this process's rank.
-        world_size: number of processes.
-        num_workers: loader worker processes (at most the shards a rank gets in an epoch).
-    """
-
-    def __init__(self, stream: ShardStream, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> None:
-        shards = len(stream.index.urls)
-        if shards < world_size:
-            raise ConfigError(
-                f"{stream.index.option} has {shards} shard(s) for {world_size} processes; write at least one shard per process "
-                "(several per loader worker is best)."
-            )
-        if len(stream) // world_size < batch_size:
-            raise ConfigError(
-                f"data.batch_size={batch_size} is larger than the {len(stream) // world_size} training images per device; lower data.batch_size."
-            )
-        stream.batch_size, stream.seed, stream.rank, stream.world_size = batch_size, seed, rank, world_size
-        workers = min(num_workers, shards // world_size)
-        if workers < num_workers:
-            log.info(
-                "reading %d shard(s) per process with %d loader worker(s) (one shard per worker at least)", shards // world_size, workers
-            )
-        super().__init__(stream, batch_size=None, num_workers=workers)
-        self.epochs = _EpochMarker()
-        object.__setattr__(self, "sampler", self.epochs)  # DataLoader forbids setting its sampler after __init__
-        self.consumed = 0
-        self._resume: tuple[int, int] | None = None
-
-    def __iter__(self) -> Iterator:
-        return self._batches()
-
-    def _batches(self) -> Iterator:
-        # Lazily, at the first batch: Lightning creates the iterator before it calls set_epoch (and on a resume
-        # before the checkpoint's position is known); the workers start with the epoch and the position set.
-        stream = self.dataset
-        stream.epoch = self.epochs.epoch
-        self.consumed = self._resume[1] if self._resume and self._resume[0] == stream.epoch else 0
-        self._resume = None
-        stream.skip = self.consumed
-        yield from super().__iter__()
-
-    def __len__(self) -> int:
-        return self.dataset.batches_per_epoch()
-
-    def mark_consumed(self) -> None:
-        self.consumed += 1
-
-    def check_data(self) -> None:
-        self.dataset.check()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epochs.epoch, "consumed": self.consumed, "workers": max(1, self.num_workers)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = (state["epoch"], state["consumed"])
-        workers = int(state.get("workers", 1))
-        if workers != max(1, self.num_workers):  # the order of an epoch depends on the worker count: keep the checkpoint's
-            log.info("resuming with the checkpoint's %d loader worker(s)", workers)
-            self.num_workers = workers if workers > 1 else 0
-            self.prefetch_factor = 2 if workers > 1 else None

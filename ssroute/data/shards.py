@@ -7,19 +7,24 @@ format, Aizman et al., "High Performance I/O For Large Scale Deep Learning", 201
 lists) and may hold local paths or URLs (``https://``, ``pipe:``): the ``webdataset``
 package opens both.
 
-:func:`scan_shards` reads each shard's tar headers once, in parallel threads, before
-anything trains: the sample counts fix the epoch length and the global sample numbers,
-and a shard that is not a tar file, a sample without an image or labels on only some
-samples are reported in one sentence before any compute. The image bytes are read
-later, in the loader's workers (:mod:`ssroute.data.shard_stream`).
+:func:`scan_shards` counts the samples of every shard before anything trains: the
+counts fix the epoch length and number the samples. They come from a ``sizes.json``
+beside the shards (``{"train-000000.tar": 10000, ...}``, the file OpenCLIP's loaders
+read; :func:`write_shards` writes it) or, for shards it does not list, from the shards'
+tar headers, read once in parallel threads (about 1 s per 10,000 samples on one core
+here). That scan also reports a shard that is not a tar file and a sample without an
+image in one sentence before any compute. The image bytes are read later, in the
+loader's workers (:mod:`ssroute.data.shard_stream`).
 
 >>> import tempfile, pathlib
 >>> folder = pathlib.Path(tempfile.mkdtemp())
 >>> write_shards(folder, [(bytes_png(4, 7), 1), (bytes_png(4, 9), 0), (bytes_png(4, 3), 1)], per_shard=2)
 ['...shard-000000.tar', '...shard-000001.tar']
 >>> index = scan_shards(f"{folder}/shard-{{000000..000001}}.tar")
->>> index.sizes, index.image_key, index.labeled, index.offsets
-([2, 1], 'png', True, [0, 2])
+>>> index.sizes, index.offsets, len(index)
+([2, 1], [0, 2], 3)
+>>> (folder / "sizes.json").unlink(); scan_shards(f"{folder}/shard-{{000000..000001}}.tar").sizes  # from the tar headers
+[2, 1]
 """
 
 from __future__ import annotations
@@ -158,15 +163,6 @@ def read_samples(index: ShardIndex, limit: int) -> list[dict]:
             if len(samples) >= limit:
                 return samples
     return samples
-
-
-def sample_image(sample: dict) -> bytes:
-    """The image bytes of a raw sample (its first image member)."""
-    return next(value for key, value in sample.items() if key.rsplit(".", 1)[-1] in IMAGE_KEYS)
-
-
-def sample_label(sample: dict, labeled: bool) -> int:
-    return int(sample[LABEL_KEY].decode().strip()) if labeled else -1
 
 
 def bytes_png(size: int, value: int, mode: str = "L") -> bytes:

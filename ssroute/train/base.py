@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from ssroute.data.loader import ResumableLoader
-from ssroute.data.shard_stream import ShardLoader
+from ssroute.data.shard_loader import ShardLoader
 
 
 class NonFiniteLossError(RuntimeError):

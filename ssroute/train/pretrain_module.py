@@ -29,7 +29,7 @@ from ssroute.checkpoint import ModelInputs
 from ssroute.data import DataBundle
 from ssroute.data.correspondence import matches_of
 from ssroute.data.loader import ResumableLoader, loader_workers
-from ssroute.data.shard_stream import ShardLoader
+from ssroute.data.shard_loader import ShardLoader
 from ssroute.data.views import ViewAugment
 from ssroute.errors import ConfigError
 from ssroute.models import build_backbone

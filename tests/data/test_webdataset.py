@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from ssroute.config import DataConfig
 from ssroute.data import build_data
-from ssroute.data.shard_stream import ShardLoader
+from ssroute.data.shard_loader import ShardLoader
 from ssroute.data.shards import SIZES_FILE, bytes_png, scan_shards, write_shards
 from ssroute.errors import ConfigError
 
