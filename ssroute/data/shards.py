@@ -11,8 +11,7 @@ package opens both.
 counts fix the epoch length and number the samples. They come from a ``sizes.json``
 beside the shards (``{"train-000000.tar": 10000, ...}``, the file OpenCLIP's loaders
 read; :func:`write_shards` writes it) or, for shards it does not list, from the shards'
-tar headers, read once in parallel threads (about 1 s per 10,000 samples on one core
-here). That scan also reports a shard that is not a tar file and a sample without an
+tar headers, read once in parallel threads. That scan also reports a shard that is not a tar file and a sample without an
 image in one sentence before any compute. The image bytes are read later, in the
 loader's workers (:mod:`ssroute.data.shard_stream`).
 
