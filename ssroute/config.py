@@ -63,7 +63,11 @@ class DepthRouterConfig:
     ponder_weight: float = 0.01  # weight of the ACT ponder cost mean(steps + remainder) / max_steps (halting only)
     stop_on_identity: bool = False  # an image that picks an identity block halts there
     sample: bool = True  # pick by Gumbel-max sampling while training (argmax at evaluation); false = argmax always
-    order_prior: float = 2.0  # initial router logit bonus for block s at step s (starts near the dense ViT); 0 = no prior
+    order_prior: float = 2.0  # initial logit bonus for block s at step s (starts near the dense ViT; step_input=embedding only); 0 = none
+    per_token: bool = False  # every token picks its own block at each step (attention: docs/depth_routing.md); needs halting=false
+    kind: str = "linear"  # the router: linear, gru or lstm (a memory carried across steps)
+    step_input: str = "embedding"  # how the router knows the step: embedding (a learned bias per step), scalar (s / (steps-1)) or none
+    router_hidden: int | None = None  # memory width of a gru/lstm router; null = model.dim
 
 
 @dataclass

@@ -34,14 +34,39 @@ CASES = (
     + [(f"ssl={n}", [f"ssl={n}", *ROUTED]) for n in OBJECTIVES.names()]
     + [(f"schedule={n}", [f"schedule={n}", "model.stack=[ssl,route,ssl]", "model.num_experts=4"]) for n in SCHEDULES]
     + [(f"model={n}", [f"model={n}", "model.dim=32", "model.heads=2"]) for n in MODELS]
-    + [(f"model.position={p} model.stem={s}", [f"model.position={p}", f"model.stem={s}", *ROUTED]) for p in ("absolute", "rope") for s in ("patch", "conv")]
+    + [
+        (f"model.position={p} model.stem={s}", [f"model.position={p}", f"model.stem={s}", *ROUTED])
+        for p in ("absolute", "rope")
+        for s in ("patch", "conv")
+    ]
     + [
         (
             "dense, soft partners, routing teacher, cosine gate, router context, groups",
-            ["model.stack=[ssl,route,ssl]", "schedule=layerwise", "model.num_experts=4", "dense.weight=1", "consistency.partners=soft",
-             "consistency.teacher_momentum=0.99", "router.cosine_scale=10", "model.router_context=0.5", "model.group_images=2"],
+            [
+                "model.stack=[ssl,route,ssl]",
+                "schedule=layerwise",
+                "model.num_experts=4",
+                "dense.weight=1",
+                "consistency.partners=soft",
+                "consistency.teacher_momentum=0.99",
+                "router.cosine_scale=10",
+                "model.router_context=0.5",
+                "model.group_images=2",
+            ],
         ),  # fmt: skip
         ("consistency.loss=mutual_information", ["consistency.loss=mutual_information", *ROUTED]),
+        ("router.random_fraction=0.5", ["router.random_fraction=0.5", *ROUTED]),
+        (
+            "vit_depth per token, gru router",
+            [
+                "model=vit_depth",
+                "model.dim=32",
+                "model.heads=2",
+                "model.depth_router.per_token=true",
+                "model.depth_router.kind=gru",
+                "model.depth_router.step_input=scalar",
+            ],
+        ),
     ]
 )
 
@@ -56,7 +81,9 @@ def test_a_whole_run(tmp_path, pretrain_cfg, overrides):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["knn_top1"] > 0.1 and (run / "eval" / "report.md").is_file()  # above chance (0.1) after one step
     routed = metrics["moe_layers"] > 0
-    assert routed == ("routing_agreement" in metrics) and routed == ("routing_shift_content" in metrics or "routing_position_nmi" in metrics)
+    assert routed == ("routing_agreement" in metrics) and routed == (
+        "routing_shift_content" in metrics or "routing_position_nmi" in metrics
+    )
 
     tuned = compose_config("finetune", [f"checkpoint={run}", "trainer.progress_bar=false", *BUDGET])
     out = run_finetune(tuned, tmp_path / "ft", overrides=[f"checkpoint={run}"])

@@ -12,7 +12,8 @@ both call :func:`evaluate_backbone`. Protocols (:data:`PROTOCOLS`):
 - routing, on up to ``max_routing_images`` held-out images of an MoE model:
   agreement of corresponding patches under the run's augmentation on the
   executed experts (``agreement``), the same by augmentation family and over
-  strength (``stability``), analytics (``analytics``), and whether routing
+  strength (``stability``), analytics (``analytics``, with how alike the experts'
+  outputs are: ``ssroute.eval.expert_similarity``), and whether routing
   follows content or position (``position``);
 - ``depth`` (routing over depth): the layer-order matrix and identity use;
 - ``plots`` (``ssroute.eval.plots``); with an output folder, always ``report.md``.
@@ -167,6 +168,9 @@ def evaluate_backbone(
 
         analytics = routing_analytics(backbone, augment.normalize(images), labels.to(device) if data.labeled else None, data.num_classes)
         metrics.update(analytics.metrics)
+        from ssroute.eval.expert_similarity import expert_similarity
+
+        metrics.update(expert_similarity(backbone, augment.normalize(images)))
     if "position" in chosen:
         from ssroute.eval.position import position_metrics
 
@@ -179,6 +183,10 @@ def evaluate_backbone(
 
         plots = list(write_all_plots(out_dir / "plots", backbone=backbone, images_uint8=images, normalize=augment.normalize,
                                      augment=augment, analytics=analytics, stability=stability, probes=probes))  # fmt: skip
+        if depth_routed:
+            from ssroute.eval.depth_plots import write_depth_plots
+
+            plots += write_depth_plots(out_dir / "plots", backbone, augment.normalize(images), images)
     metrics["eval_time_s"] = round(time.perf_counter() - start, 2)
     if out_dir is not None:
         write_json_atomic(out_dir / "metrics.json", metrics)
@@ -215,13 +223,10 @@ def labelled_protocols(cfg, protocols: list[str], backbone: nn.Module, augment: 
 
 
 def depth_metrics(backbone: nn.Module, images: torch.Tensor, batch_size: int = 512) -> dict[str, float]:
-    """``depth/*`` statistics of routing over depth on ``images`` (normalised), with the layer-order matrix."""
-    from ssroute.models.depth_stats import DepthStats
+    """``depth/*`` statistics of routing over depth on ``images`` (normalised): the layer-order and co-selection
+    matrices, identity use and the parameter counts against the dense ViT of the same depth."""
+    from ssroute.eval.depth_plots import depth_stats_of
+    from ssroute.models.depth_stats import depth_parameters
 
-    stack = backbone.stack
-    stats = DepthStats(stack.max_steps, stack.num_choices, stack.num_blocks)
-    with evaluating(backbone):
-        for chunk in images.split(batch_size):
-            trace = backbone(chunk)[1].depth
-            stats.add(trace.picks, trace.halted_at, trace.ponder)
-    return stats.summary(stack.names, order=True)
+    stats, _ = depth_stats_of(backbone, images, batch_size)
+    return {**stats.summary(backbone.stack.names, order=True), **depth_parameters(backbone.stack)}

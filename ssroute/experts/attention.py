@@ -6,6 +6,8 @@ of rows routed to ``e`` *from the same image*: an expert specialises in a kind
 of patch and lets those patches exchange information, a sparse counterpart of
 the block's dense attention. Rows of different images never attend to each
 other; for Soft MoE the rows are slots and ``context.slot_image`` says whose.
+Rows that hold no token (``context.valid`` False: the empty capacity slots of
+the dense reference) are never attended to.
 
 Execution is batched over experts and images, with no loop at all: rows are
 scattered into a padded ``[experts * images, slots, dim]`` tensor (``slots`` =
@@ -78,9 +80,8 @@ class AttentionExperts(ExpertBank):
         sorted_cell = cell.index_select(0, order)
         position = torch.arange(rows, device=x.device) - start.index_select(0, sorted_cell)
         padded = x.new_zeros(experts * images, slots, self.dim).index_put((sorted_cell, position), x.index_select(0, order))
-        valid = torch.zeros(experts * images, slots, dtype=torch.bool, device=x.device).index_put(
-            (sorted_cell, position), torch.ones_like(position, dtype=torch.bool)
-        )
+        is_token = torch.ones_like(position, dtype=torch.bool) if context.valid is None else context.valid.index_select(0, order)
+        valid = torch.zeros(experts * images, slots, dtype=torch.bool, device=x.device).index_put((sorted_cell, position), is_token)
         valid = valid | ~valid.any(-1, keepdim=True)  # empty cells: attend to padding rather than produce NaN (discarded)
         qkv = torch.baddbmm(self.b_qkv, padded.view(experts, images * slots, self.dim), self.w_qkv)
         head = self.hidden // self.heads

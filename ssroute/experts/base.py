@@ -16,7 +16,7 @@ and register it: ``@EXPERTS.register("name")``. Its constructor takes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -34,12 +34,17 @@ class ExpertContext:
         tokens_per_image: tokens per image ``N`` (the routing group size).
         num_images: images ``B`` in the batch.
         slot_image: ``[rows]`` image of each slot row (soft MoE only).
+        valid: ``[rows]`` bool, False for rows that hold no token (the empty
+            capacity slots of :func:`ssroute.moe.dense_reference`); experts that
+            look beyond one row (attention, conv) leave them out of every other
+            row's context. None = every row is a token.
     """
 
     token_index: Tensor | None
     tokens_per_image: int
     num_images: int
     slot_image: Tensor | None = None
+    valid: Tensor | None = None
 
     @property
     def image_index(self) -> Tensor:
@@ -48,6 +53,23 @@ class ExpertContext:
             assert self.slot_image is not None
             return self.slot_image
         return self.token_index // self.tokens_per_image
+
+    def select(self, rows: Tensor) -> ExpertContext:
+        """The context of the rows ``rows`` (a ``[rows']`` index), in that order."""
+
+        def pick(values: Tensor | None) -> Tensor | None:
+            return None if values is None else values.index_select(0, rows)
+
+        return replace(self, token_index=pick(self.token_index), slot_image=pick(self.slot_image), valid=pick(self.valid))
+
+
+@dataclass
+class TypeCost:
+    """What the experts of one type in a bank cost."""
+
+    experts: int  # experts of this type
+    params: float  # parameters of this type's experts (their shared ones included)
+    flops_per_row: float  # FLOPs one of its experts spends on one row
 
 
 class ExpertBank(nn.Module):
@@ -79,6 +101,11 @@ class ExpertBank(nn.Module):
     def flops_per_row(self, tokens_per_image: int) -> float:
         """FLOPs (2 x multiply-adds) one expert spends on one row."""
         raise NotImplementedError
+
+    def type_costs(self, tokens_per_image: int) -> dict[str, TypeCost]:
+        """Experts, parameters and FLOPs per row by expert type (one type, unless the bank mixes them)."""
+        name = next((n for n in EXPERTS.names() if EXPERTS.get(n) is type(self)), type(self).__name__)
+        return {name: TypeCost(self.num_experts, float(sum(p.numel() for p in self.parameters())), self.flops_per_row(tokens_per_image))}
 
 
 EXPERTS: Registry[type[ExpertBank]] = Registry("expert bank")

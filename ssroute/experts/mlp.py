@@ -94,5 +94,6 @@ class MLPExperts(ExpertBank):
         if context is None or context.token_index is None:  # one expert call per row (soft slots): the whole bias
             return self.b_out.expand_as(y)
         token = context.token_index
-        rows_of_token = torch.bincount(token, minlength=context.num_images * context.tokens_per_image).index_select(0, token)
-        return self.b_out.unsqueeze(0) / rows_of_token.unsqueeze(1).to(y.dtype)
+        counted = None if context.valid is None else context.valid.to(y.dtype)  # empty reference slots are no rows of a token
+        rows_of_token = torch.bincount(token, counted, minlength=context.num_images * context.tokens_per_image).index_select(0, token)
+        return self.b_out.unsqueeze(0) / rows_of_token.clamp_min(1).unsqueeze(1).to(y.dtype)

@@ -25,7 +25,20 @@ computed any more. Its output is ``sum_s a_s x_s`` with ``a_s = h_s`` before
 :class:`DepthTrace` (``ponder_loss``), which the backbone hands up as the
 ``depth_ponder`` auxiliary loss.
 
-Shapes: ``tokens [batch, tokens, dim] -> [batch, tokens, dim]``; choices ``[batch, steps]``.
+Per token (``per_token=True``): at every step each token reads its own state
+(the LayerNorm of the token) and picks its own block; the tokens that picked a
+block are grouped so each block runs once per step, with attention defined in
+:mod:`ssroute.models.depth_tokens` (queries: the block's tokens; keys and
+values: every token of the image at the start of the step). ACT halting and
+``stop_on_identity`` are per image and are refused with it.
+
+The router (:class:`~ssroute.models.depth_controller.DepthController`) is linear
+or recurrent (``kind=gru|lstm``: a memory carried across the steps of each
+image, or of each token), and is told the step by a learned bias
+(``step_input=embedding``), a scalar input, or not at all.
+
+Shapes: ``tokens [batch, tokens, dim] -> [batch, tokens, dim]``; choices ``[batch, steps]``
+(``[batch, tokens, steps]`` per token).
 
 >>> import torch
 >>> stack = DepthRoutedStack(dim=16, heads=2, pool_blocks=2, identity_blocks=1, max_steps=3).eval()
@@ -48,15 +61,17 @@ from torch import Tensor, nn
 from ssroute.errors import ConfigError
 from ssroute.layers.block import TransformerBlock
 from ssroute.layers.mlp import FeedForward
+from ssroute.models.depth_controller import DepthController
+from ssroute.models.depth_tokens import block_on_tokens
 from ssroute.models.vit import _init_weights
 
 
 @dataclass
 class DepthTrace:
-    """What one forward over depth decided."""
+    """What one forward over depth decided (per token: one path per token, ``[batch, tokens, ...]``)."""
 
-    picks: Tensor  # [batch, steps] choice per step, -1 once halted
-    halted_at: Tensor  # [batch] steps taken
+    picks: Tensor  # [batch, steps] choice per step, -1 once halted ([batch, tokens, steps] per token)
+    halted_at: Tensor  # [batch] steps taken ([batch, tokens] per token)
     ponder: Tensor | None  # mean ponder cost n + R (ACT only), detached
     ponder_loss: Tensor | None  # ponder_weight * mean(n + R) / max_steps with its gradient (ACT only)
 
@@ -97,7 +112,11 @@ class DepthRoutedStack(nn.Module):
         ponder_weight: weight of the ponder cost ``mean(n + R) / S``.
         stop_on_identity: an image that picks an identity block halts there.
         sample: pick by Gumbel-max sampling while training (argmax at evaluation); False = argmax always.
-        order_prior: initial router bias towards block ``s`` at step ``s`` (the dense order); 0 = none.
+        order_prior: initial router bias towards block ``s`` at step ``s`` (the dense order; needs ``step_input=embedding``); 0 = none.
+        per_token: every token picks its own block at each step (no halting).
+        kind: the router: ``linear``, ``gru`` or ``lstm`` (a memory carried across steps).
+        step_input: how the router knows the step: ``embedding`` (a learned bias per step), ``scalar`` or ``none``.
+        router_hidden: memory width of a recurrent router; None = ``dim``.
     """
 
     def __init__(
@@ -116,8 +135,17 @@ class DepthRoutedStack(nn.Module):
         stop_on_identity: bool = False,
         sample: bool = True,
         order_prior: float = 2.0,
+        per_token: bool = False,
+        kind: str = "linear",
+        step_input: str = "embedding",
+        router_hidden: int | None = None,
     ) -> None:
         super().__init__()
+        if per_token and (halting or stop_on_identity):
+            raise ConfigError(
+                "model.depth_router.per_token=true routes each token, but halting and stop_on_identity stop whole images; "
+                "set halting=false and stop_on_identity=false, or per_token=false."
+            )
         if pool_blocks < 1 or identity_blocks < 0 or max_steps < 1:
             raise ConfigError(
                 f"model.depth_router needs pool_blocks >= 1, identity_blocks >= 0 and max_steps >= 1 (got {pool_blocks}, {identity_blocks}, {max_steps})."
@@ -128,15 +156,16 @@ class DepthRoutedStack(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, FeedForward(dim, hidden, activation), dropout) for _ in range(pool_blocks))
         self.num_blocks, self.num_choices, self.max_steps = pool_blocks, pool_blocks + identity_blocks, max_steps
         self.halting, self.threshold, self.ponder_weight = halting, 1.0 - halt_epsilon, ponder_weight
-        self.stop_on_identity, self.sample = stop_on_identity, sample
+        self.stop_on_identity, self.sample, self.per_token = stop_on_identity, sample, per_token
         self.state_norm = nn.LayerNorm(dim)
-        self.router = nn.Linear(dim, self.num_choices)
-        self.step_bias = nn.Parameter(torch.zeros(max_steps, self.num_choices))
+        self.controller = DepthController(dim, self.num_choices, max_steps, kind, step_input, router_hidden)
         self.halt_head = nn.Linear(dim, 1) if halting else None
         self.apply(_init_weights)
+        self._register_load_state_dict_pre_hook(_rename_linear_router)
         with torch.no_grad():
             diagonal = torch.arange(min(max_steps, pool_blocks))
-            self.step_bias[diagonal, diagonal] = order_prior
+            if self.controller.step_bias is not None:
+                self.controller.step_bias[diagonal, diagonal] = order_prior
             if self.halt_head is not None:  # h = 1/S at first: images start by taking every step, the ponder cost trims
                 nn.init.constant_(self.halt_head.bias, -math.log(max(max_steps - 1, 1)))
         self.names = [f"b{j}" for j in range(pool_blocks)] + [f"id{j}" for j in range(identity_blocks)]
@@ -146,9 +175,17 @@ class DepthRoutedStack(nn.Module):
         pooled = x.mean(dim=1) if weights is None else torch.einsum("bnd,bn->bd", x, weights)
         return self.state_norm(pooled)
 
-    def route(self, state: Tensor, step: int) -> Tensor:
-        """Router logits ``[B, P + I]`` at ``step`` for pooled states ``[B, dim]``."""
-        return self.router(state) + self.step_bias[step]
+    def route(self, state: Tensor, step: int, memory=None) -> Tensor:
+        """Router logits ``[B, P + I]`` at ``step`` for pooled states ``[B, dim]`` (a recurrent router: from ``memory``, zeros when None)."""
+        return self.controller(state, step, memory)[0]
+
+    def choose(self, logits: Tensor, forced: Tensor | None) -> Tensor:
+        """The choice per row: ``forced``, a Gumbel-max sample while training (``sample``), else the argmax."""
+        if forced is not None:
+            return forced
+        if self.training and self.sample:
+            return (logits.float() - torch.empty_like(logits, dtype=torch.float).exponential_().log()).argmax(dim=-1)
+        return logits.argmax(dim=-1)
 
     def halt_prob(self, state: Tensor) -> Tensor:
         """ACT halting score ``h [B]`` of pooled states ``[B, dim]``."""
@@ -169,6 +206,9 @@ class DepthRoutedStack(nn.Module):
         picks (tests, analysis); ``steps`` caps the steps; ``outputs``, when given, receives the state after each step.
         """
         batch, total_steps = x.shape[0], min(steps or self.max_steps, self.max_steps)
+        if self.per_token:
+            return self._forward_tokens(x, mask, choices, total_steps, outputs)
+        memory = self.controller.initial(batch, x.device)
         active = torch.ones(batch, dtype=torch.bool, device=x.device)
         total = torch.zeros(batch, device=x.device)
         result = torch.zeros_like(x) if self.halting else None
@@ -179,14 +219,11 @@ class DepthRoutedStack(nn.Module):
             index = active.nonzero().squeeze(1)
             if index.numel() == 0:
                 break
-            logits = self.route(self.state(x[index], None if weights is None else weights[index]), step)
+            state = self.state(x[index], None if weights is None else weights[index])
+            logits, remembered = self.controller(state, step, self.controller.select(memory, index))
+            memory = self.controller.update(memory, index, remembered)
             probs = logits.float().softmax(dim=-1)
-            if choices is not None:
-                choice = choices[index, step]
-            elif self.training and self.sample:
-                choice = (logits.float() - torch.empty_like(probs).exponential_().log()).argmax(dim=-1)  # Gumbel-max sample
-            else:
-                choice = logits.argmax(dim=-1)
+            choice = self.choose(logits, None if choices is None else choices[index, step])
             picks[index, step] = choice
             gate = probs.gather(1, choice[:, None]).squeeze(1)
             x = self.apply_step(x, index, choice, gate - gate.detach(), mask)
@@ -211,6 +248,29 @@ class DepthRoutedStack(nn.Module):
         ponder = (halted_at + remainder).mean()  # Graves' ponder cost n + R; R carries the halting units' gradient
         return result, DepthTrace(picks, halted_at, ponder.detach(), self.ponder_weight * ponder / self.max_steps)
 
+    def _forward_tokens(
+        self, x: Tensor, mask: Tensor | None, choices: Tensor | None, total_steps: int, outputs: list[Tensor] | None
+    ) -> tuple[Tensor, DepthTrace]:
+        """Per-token routing: each token picks a block at each step; ``choices`` ``[B, N, S]`` (or ``[B, S]``, every token alike)."""
+        batch, tokens, dim = x.shape
+        if choices is not None and choices.dim() == 2:
+            choices = choices[:, None, :].expand(batch, tokens, choices.shape[1])
+        memory = self.controller.initial(batch * tokens, x.device)
+        picks = torch.full((batch, tokens, total_steps), -1, dtype=torch.long, device=x.device)
+        for step in range(total_steps):
+            logits, memory = self.controller(self.state_norm(x).reshape(batch * tokens, dim), step, memory)
+            choice = self.choose(logits, None if choices is None else choices[:, :, step].reshape(-1)).view(batch, tokens)
+            gate = logits.float().softmax(dim=-1).gather(1, choice.view(-1, 1)).view(batch, tokens)
+            out = x
+            for j, block in enumerate(self.blocks):  # every block reads the start-of-step state x and writes its own tokens
+                out = block_on_tokens(block, x, out, choice == j, gate - gate.detach(), mask)
+            x = out
+            picks[:, :, step] = choice
+            if outputs is not None:
+                outputs.append(x)
+        halted_at = torch.full((batch, tokens), float(total_steps), device=x.device)
+        return x, DepthTrace(picks, halted_at, None, None)
+
     def apply_step(self, x: Tensor, index: Tensor, choice: Tensor, gate: Tensor, mask: Tensor | None) -> Tensor:
         """Apply each image's chosen block: images ``index [A]`` grouped by ``choice [A]``, each pool block run once on its group.
 
@@ -228,3 +288,14 @@ class DepthRoutedStack(nn.Module):
                 x = x.index_copy(0, group, after + gate_group * (after - before))
             start += count
         return x
+
+
+def _rename_linear_router(state_dict, prefix, *args) -> None:
+    """Checkpoints from before the router had its own module: ``router.*`` and ``step_bias`` -> ``controller.*``."""
+    for old, new in (
+        ("router.weight", "controller.router.weight"),
+        ("router.bias", "controller.router.bias"),
+        ("step_bias", "controller.step_bias"),
+    ):
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)

@@ -59,7 +59,9 @@ class DepthRoutedViT(ViT):
         super().__init__(image_size, channels, dim, 0, heads, patch_size, mlp_ratio, activation, dropout, selector=selector, stem=stem)
         self.stack = DepthRoutedStack(dim, heads, mlp_ratio=mlp_ratio, activation=activation, dropout=dropout, **routing)
 
-    def forward(self, images: Tensor, *, end: int | None = None, frozen_below: int = 0, segment=None, keep_blocks: bool = False) -> tuple[Tensor, ForwardAux]:
+    def forward(
+        self, images: Tensor, *, end: int | None = None, frozen_below: int = 0, segment=None, keep_blocks: bool = False
+    ) -> tuple[Tensor, ForwardAux]:
         """Features ``[batch, dim]`` after at most ``end`` routed steps (all by default) and the forward's aux,
         with the choices in ``aux.depth`` and the ACT ponder cost as ``aux.losses["depth_ponder"]``."""
         if frozen_below or segment is not None:
@@ -112,4 +114,8 @@ def build_depth_routed_vit(cfg, image_size: int, channels: int, selector: PatchS
         stop_on_identity=depth.stop_on_identity,
         sample=depth.sample,
         order_prior=depth.order_prior,
+        per_token=depth.get("per_token", False),
+        kind=depth.get("kind", "linear"),
+        step_input=depth.get("step_input", "embedding"),
+        router_hidden=depth.get("router_hidden"),
     )

@@ -13,7 +13,10 @@ An MoE model has more parameters than it uses per token. For any
   per MoE layer its router plus ``rows_per_token`` expert evaluations
   (``E * slots / tokens`` for soft MoE). Norms and activations are ignored;
 - ``expert_param_share`` / ``expert_flop_share``: the part of the totals
-  spent in experts (0 for a dense model).
+  spent in experts (0 for a dense model);
+- per expert type (one, or several for ``experts=mixed``)
+  ``experts/<type>/params`` and ``experts/<type>/flops_per_token``, summed over
+  the MoE layers; they add up to ``params_experts`` and ``flops_experts_per_token``.
 
 A mixture of attention heads (``ssroute.moe.attention_heads``) counts the same
 way, its heads being the experts: ``k`` heads' query and output projections
@@ -49,7 +52,9 @@ def _by_block(model: nn.Module, kinds: tuple[type, ...]) -> dict[int, nn.Module]
     for name, module in model.named_modules():
         if isinstance(module, kinds):
             parts = name.split(".")
-            index = int(parts[parts.index("blocks") + 1]) if "blocks" in parts and parts[parts.index("blocks") + 1].isdigit() else len(found)
+            index = (
+                int(parts[parts.index("blocks") + 1]) if "blocks" in parts and parts[parts.index("blocks") + 1].isdigit() else len(found)
+            )
             found[index] = module
     return found
 
@@ -82,6 +87,11 @@ def model_accounting(model: nn.Module, tokens_per_image: int, measured_rows: dic
     params_experts = sum(a["params_experts"] for a in moe.values())
     flops = _flops(model, tokens_per_image, moe)
     flops_experts = sum(a["flops_experts_per_token"] for a in moe.values())
+    per_type: dict[str, float] = {}  # experts/<type>/params and experts/<type>/flops_per_token, summed over layers
+    for layer in moe.values():
+        for key, value in layer.items():
+            if key.startswith("experts/"):
+                per_type[key] = per_type.get(key, 0.0) + value
     return {
         "params_total": params_total,
         "params_active": params_total - params_inactive,
@@ -92,4 +102,5 @@ def model_accounting(model: nn.Module, tokens_per_image: int, measured_rows: dic
         "expert_flop_share": flops_experts / flops if flops else 0.0,
         "moe_layers": float(sum(isinstance(m, MoELayer) for m in moe)),
         "attention_heads_layers": float(sum(not isinstance(m, MoELayer) for m in moe)),
+        **per_type,
     }

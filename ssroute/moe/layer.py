@@ -42,7 +42,7 @@ from ssroute.errors import ConfigError
 from ssroute.experts import EXPERTS, ExpertBank, ExpertContext, build_experts
 from ssroute.moe.dispatch import combine, dispatch, plan_dispatch
 from ssroute.registry import option_names
-from ssroute.routing import ROUTERS, Router, Routing, build_router
+from ssroute.routing import COMMON_OPTIONS, ROUTERS, Router, Routing, build_router
 
 
 class MoELayer(nn.Module):
@@ -123,20 +123,27 @@ class MoELayer(nn.Module):
 
     def accounting(self, tokens_per_image: int, measured_rows: float | None = None) -> dict[str, float]:
         """Parameters and per-token FLOPs of this layer (see ``ssroute.moe.accounting``); ``measured_rows``:
-        expert rows per token seen in a real forward, for routers whose k depends on the data."""
+        expert rows per token seen in a real forward, for routers whose k depends on the data.
+
+        Per expert type ``experts/<type>/params`` and ``experts/<type>/flops_per_token`` (a type's share of the
+        rows is its share of the experts: equal load) sum to ``params_experts`` and ``flops_experts_per_token``."""
         rows = self.rows_per_token(tokens_per_image, measured_rows)
         router_params = sum(p.numel() for p in self.router.parameters())
         expert_params = sum(p.numel() for p in self.experts.parameters())
         active_experts = self.num_experts if self.router.soft else min(float(self.num_experts), rows)
         active_expert_params = self.experts.shared_params() + active_experts * self.experts.params_per_expert()
         expert_flops = rows * self.experts.flops_per_row(tokens_per_image)
-        return {
+        stats = {
             "params_total": float(router_params + expert_params),
             "params_active": float(router_params + active_expert_params),
             "params_experts": float(expert_params),
             "flops_per_token": self.router.flops_per_token(tokens_per_image) + expert_flops,
             "flops_experts_per_token": expert_flops,
         }
+        for name, cost in self.experts.type_costs(tokens_per_image).items():  # a type's rows: its share of the experts
+            stats[f"experts/{name}/params"] = cost.params
+            stats[f"experts/{name}/flops_per_token"] = rows * cost.experts / self.num_experts * cost.flops_per_row
+        return stats
 
 
 def dense_reference(experts: ExpertBank, flat: Tensor, routing: Routing, capacity: int | None = None) -> Tensor:
@@ -144,7 +151,9 @@ def dense_reference(experts: ExpertBank, flat: Tensor, routing: Routing, capacit
 
     V-MoE's one-hot einsum dispatch; the tests' reference for every router and
     the benchmark's baseline. Empty buffer slots run through the experts too
-    (their combine weight is 0), as in a dense dispatch.
+    (their combine weight is 0), as in a dense dispatch; the context marks them
+    (``valid`` False) so experts that look at other rows (attention, conv) leave
+    them out.
     """
     dispatch, combine = routing.dispatch_combine(capacity)
     groups, n = routing.num_groups, routing.tokens_per_group
@@ -153,9 +162,12 @@ def dense_reference(experts: ExpertBank, flat: Tensor, routing: Routing, capacit
     combine = combine.view(groups, n, experts_, slots).to(flat.dtype)
     x = flat.view(groups, n, -1)
     buffers = torch.einsum("gnec,gnd->egcd", dispatch, x)
-    # the token occupying each slot (any token of the group for empty or soft slots)
-    occupant = dispatch.argmax(dim=1).permute(1, 0, 2) + torch.arange(groups, device=flat.device).view(1, groups, 1) * n
-    context = ExpertContext(occupant.reshape(-1), n, groups)
+    if routing.is_soft:  # slots are no tokens: the context the layer's soft path gives
+        context = ExpertContext(None, n, groups, torch.arange(groups, device=flat.device).repeat_interleave(slots).repeat(experts_))
+    else:  # the token occupying each slot; empty slots (any token of the group) are marked invalid
+        occupant = dispatch.argmax(dim=1).permute(1, 0, 2) + torch.arange(groups, device=flat.device).view(1, groups, 1) * n
+        valid = (dispatch.sum(dim=1) > 0).permute(1, 0, 2)
+        context = ExpertContext(occupant.reshape(-1), n, groups, valid=valid.reshape(-1))
     y = experts(buffers.reshape(experts_ * groups * slots, -1), [groups * slots] * experts_, context)
     out = torch.einsum("gnec,egcd->gnd", combine, y.view(experts_, groups, slots, -1))
     return out.reshape(flat.shape)
@@ -190,7 +202,7 @@ def build_moe(
     passed in ``router_options`` / ``expert_options``.
     """
     router_cls, expert_cls = ROUTERS.get(router), EXPERTS.get(experts)
-    router_keys = set(option_names(router_cls, ("dim", "num_experts")))
+    router_keys = set(option_names(router_cls, ("dim", "num_experts"))) | set(COMMON_OPTIONS)
     expert_keys = set(option_names(expert_cls, ("dim", "hidden", "num_experts")))
     router_opts, expert_opts = dict(router_options or {}), dict(expert_options or {})
     for key, value in options.items():

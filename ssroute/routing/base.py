@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ssroute.errors import ConfigError
 from ssroute.registry import Registry, check_options
 from ssroute.routing.capacity import bucket_positions
+from ssroute.routing.random_share import with_random_share
 
 
 @dataclass
@@ -173,6 +174,9 @@ class Router(nn.Module):
     Class attributes tell later stages how to treat a router: ``learned`` (its
     ``probs`` come from learned parameters — a consistency loss skips routers
     without), ``per_token`` (routes tokens, not whole images) and ``soft``.
+    Calling a router runs ``forward`` and then, when ``random_fraction > 0``,
+    re-routes that share of its tokens to random experts — once here, for
+    every router (:mod:`ssroute.routing.random_share`).
 
     Args:
         dim: token width.
@@ -194,9 +198,31 @@ class Router(nn.Module):
             raise ConfigError(f"num_experts={num_experts} must be at least 1; set num_experts to a positive integer.")
         self.dim = dim
         self.num_experts = num_experts
+        self.random_fraction = 0.0  # share of tokens sent to random experts on each call (set_random_fraction)
 
     def forward(self, tokens: Tensor, tokens_per_group: int | None = None) -> Routing:
         raise NotImplementedError
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Routing:
+        """``forward``, then the random share (:mod:`ssroute.routing.random_share`) when ``random_fraction > 0``."""
+        routing = super().__call__(*args, **kwargs)
+        if self.random_fraction > 0:
+            nominal = self.experts_per_token(routing.tokens_per_group)
+            k = int(nominal) if nominal is not None and nominal == int(nominal) and nominal >= 1 else 1
+            fixed = None if self.training else torch.Generator().manual_seed(0)  # evaluation: the same share on every call
+            routing = with_random_share(routing, self.random_fraction, min(k, self.num_experts), per_token=self.per_token, generator=fixed)
+        return routing
+
+    def set_random_fraction(self, fraction: float) -> None:
+        """Send a share ``fraction`` of the tokens (resampled on every call) to random experts; 0 = the router alone."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"router.random_fraction={fraction} must be between 0 and 1 (the share of tokens sent to random experts).")
+        if fraction > 0 and self.soft:
+            raise ConfigError(
+                f"router.random_fraction={fraction} needs a router with discrete assignments; {self.name} mixes every token "
+                "into every slot, so set random_fraction=0 or choose another router."
+            )
+        self.random_fraction = float(fraction)
 
     def group_size(self, tokens: Tensor, tokens_per_group: int | None) -> int:
         """Validate the input and return the group size (all tokens when None)."""
@@ -247,8 +273,16 @@ def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
     return decorator
 
 
-def build_router(name: str, dim: int, num_experts: int, **options: Any) -> Router:
-    """Build a registered router by name, e.g. ``build_router("token_choice", dim=64, num_experts=8, k=2)``."""
+COMMON_OPTIONS = ("random_fraction",)  # options every router takes, applied by the base class rather than its constructor
+
+
+def build_router(name: str, dim: int, num_experts: int, random_fraction: float = 0.0, **options: Any) -> Router:
+    """Build a registered router by name, e.g. ``build_router("token_choice", dim=64, num_experts=8, k=2)``.
+
+    ``random_fraction`` (any sparse router): the share of tokens, drawn anew on every call, sent to random experts.
+    """
     cls = ROUTERS.get(name)
     check_options("router", name, cls, options, fixed=("dim", "num_experts"))
-    return cls(dim=dim, num_experts=num_experts, **options)
+    router = cls(dim=dim, num_experts=num_experts, **options)
+    router.set_random_fraction(random_fraction)
+    return router

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ssroute.errors import ConfigError
 from ssroute.routing.base import Router, Routing, check_k, register_router, sparse_routing
+from ssroute.routing.random_share import random_experts
 
 _GOLDEN = 2654435761  # Knuth's multiplicative hash constant
 
@@ -114,8 +115,7 @@ class RandomRouter(Router):
     def forward(self, tokens: Tensor, tokens_per_group: int | None = None) -> Routing:
         n = self.group_size(tokens, tokens_per_group)
         total = tokens.shape[0]
-        generator = torch.Generator().manual_seed(self.seed)
-        chosen = torch.rand(total, self.num_experts, generator=generator).topk(self.k, dim=-1).indices.to(tokens.device)
+        chosen = random_experts(total, self.num_experts, self.k, self.seed, tokens.device)
         token = torch.arange(total, device=tokens.device).repeat_interleave(self.k)
         probs = tokens.new_full((total, self.num_experts), 1.0 / self.num_experts)
         weight = tokens.new_full((total * self.k,), 1.0 / self.k)

@@ -36,12 +36,12 @@ def test_forward_backward_reaches_every_expert_parameter(name: str, router: str)
 
 @pytest.mark.parametrize("name", EXPERTS.names())
 def test_empty_blocks_and_eval_mode(name: str) -> None:
-    bank = build_experts(name, dim=8, hidden=16, num_experts=3).eval()
+    bank = build_experts(name, dim=8, hidden=16, num_experts=4).eval()
     from ssroute.experts import ExpertContext
 
-    out = bank(torch.randn(5, 8), [2, 0, 3], ExpertContext(torch.tensor([0, 3, 1, 4, 2]), 3, 2))
+    out = bank(torch.randn(5, 8), [2, 0, 3, 0], ExpertContext(torch.tensor([0, 3, 1, 4, 2]), 3, 2))
     assert out.shape == (5, 8) and bool(torch.isfinite(out).all())
-    assert bank(torch.randn(0, 8), [0, 0, 0], ExpertContext(torch.zeros(0, dtype=torch.long), 3, 2)).shape == (0, 8)
+    assert bank(torch.randn(0, 8), [0, 0, 0, 0], ExpertContext(torch.zeros(0, dtype=torch.long), 3, 2)).shape == (0, 8)
 
 
 @pytest.mark.parametrize("name", EXPERTS.names())
@@ -53,6 +53,6 @@ def test_config_file_matches_expert_options(name: str) -> None:
 
 
 def test_unknown_expert_type_lists_the_valid_ones() -> None:
-    with pytest.raises(ConfigError, match="unknown expert bank 'conv'; choose one of: attention, hyper, lut, mlp"):
-        build_experts("conv", dim=8, hidden=16, num_experts=2)
-    assert {"mlp", "lut", "attention", "hyper"} <= set(EXPERTS.names())
+    with pytest.raises(ConfigError, match="unknown expert bank 'deconv'; choose one of: attention, conv, hyper, lut, mixed, mlp"):
+        build_experts("deconv", dim=8, hidden=16, num_experts=2)
+    assert {"mlp", "lut", "attention", "hyper", "conv", "mixed"} <= set(EXPERTS.names())

@@ -45,7 +45,7 @@ def test_forced_block_output_is_exactly_the_block_and_the_router_still_learns():
     out, _ = stack(x, choices=torch.ones(4, 1, dtype=torch.long))
     assert torch.equal(out, stack.blocks[1](x)[0])  # the straight-through gate adds exactly zero
     out.square().sum().backward()
-    assert stack.router.weight.grad.abs().sum() > 0 and stack.step_bias.grad[0, 1] != 0
+    assert stack.controller.router.weight.grad.abs().sum() > 0 and stack.controller.step_bias.grad[0, 1] != 0
 
 
 def test_act_step_weights_and_remainder():
@@ -103,7 +103,7 @@ def test_halted_images_stop_being_computed():
 @pytest.mark.parametrize("halting", [False, True])
 def test_grouped_execution_matches_a_per_image_loop(halting):
     stack = make_stack(pool_blocks=3, identity_blocks=1, max_steps=4, order_prior=0.0, halting=halting, halt_epsilon=0.3).eval()
-    torch.nn.init.normal_(stack.router.weight, std=2.0)  # varied choices across images
+    torch.nn.init.normal_(stack.controller.router.weight, std=2.0)  # varied choices across images
     if halting:
         torch.nn.init.normal_(stack.halt_head.weight, std=1.0)
     calls = []

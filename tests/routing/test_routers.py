@@ -11,7 +11,7 @@ import yaml
 from ssroute.errors import ConfigError
 from ssroute.moe import build_moe, dense_reference
 from ssroute.registry import option_names
-from ssroute.routing import ROUTERS, Router, Routing, build_router
+from ssroute.routing import COMMON_OPTIONS, ROUTERS, Router, Routing, build_router
 
 DIM, EXPERTS, IMAGES, TOKENS = 16, 4, 3, 10
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "router"
@@ -26,6 +26,11 @@ def _variants() -> list[tuple[str, dict]]:
     cases += [("token_choice", {"k": 2, "batch_priority": True}), ("hungarian", {"solver": "sinkhorn"})]
     cases += [("hungarian", {"capacity_factor": 0.5, "overflow": "drop"}), ("vq", {"update": "gradient", "codes_per_expert": 2})]
     cases += [("threshold", {"score": "relu"}), ("soft_moe", {"slots_per_expert": 3, "normalize": True})]
+    cases += [
+        ("token_choice", {"random_fraction": 0.5, "k": 2}),
+        ("expert_choice", {"random_fraction": 0.5}),
+        ("image", {"random_fraction": 0.5}),
+    ]
     return cases
 
 
@@ -95,7 +100,7 @@ def test_layer_shape_and_router_gradients(name: str) -> None:
 def test_config_file_matches_router(name: str) -> None:
     config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     assert config.pop("name") == name
-    assert set(config) == set(option_names(ROUTERS.get(name), ("dim", "num_experts")))
+    assert set(config) == set(option_names(ROUTERS.get(name), ("dim", "num_experts"))) | set(COMMON_OPTIONS)
     build_router(name, dim=DIM, num_experts=EXPERTS, **config)
 
 
