@@ -44,6 +44,10 @@ class DataConfig:
     epochs: int = 100  # suggested pretraining budget, used when trainer.max_epochs is null
     finetune_epochs: int = 60  # suggested fine-tuning budget, used when trainer.max_epochs is null
     num_workers: int | None = None  # training dataloader worker processes; null = 0 for data in memory, up to 4 for file-backed data (decoded in the workers)
+    urls: str | None = None  # data=webdataset: training tar shards, brace-expanded ('shards/train-{000000..000009}.tar'), paths or URLs
+    test_urls: str | None = None  # data=webdataset: labelled held-out shards for the probes; null = data.test_fraction of the sample
+    probe_images: int = 2000  # data=webdataset: samples decoded into memory from the start of the shards (probes, statistics, fine-tuning)
+    shuffle_buffer: int = 2000  # data=webdataset: samples each loader worker shuffles among (the shard order is shuffled too)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

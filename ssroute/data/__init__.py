@@ -2,7 +2,7 @@
 
 >>> from ssroute.data import DATASETS
 >>> sorted(DATASETS.names())
-['cifar10', 'digits', 'fashion_mnist', 'image_folder', 'stl10']
+['cifar10', 'digits', 'fashion_mnist', 'image_folder', 'stl10', 'webdataset']
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from ssroute.data.digits import load_digits_bundle
 from ssroute.data.fashion_mnist import load_fashion_mnist_bundle
 from ssroute.data.image_folder import load_image_folder_bundle
 from ssroute.data.torchvision_sets import load_cifar10_bundle, load_stl10_bundle
+from ssroute.data.webdataset_bundle import load_webdataset_bundle
 from ssroute.errors import ConfigError
 from ssroute.registry import Registry
 
@@ -21,6 +22,7 @@ DATASETS.register("fashion_mnist")(load_fashion_mnist_bundle)
 DATASETS.register("cifar10")(load_cifar10_bundle)
 DATASETS.register("stl10")(load_stl10_bundle)
 DATASETS.register("image_folder")(load_image_folder_bundle)
+DATASETS.register("webdataset")(load_webdataset_bundle)
 
 
 def build_data(cfg, seed: int = 0) -> DataBundle:

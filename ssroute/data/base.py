@@ -76,6 +76,12 @@ class DataBundle:
     labeled_train: ImageSet | None = None  # labelled train images when `train` is unlabelled (STL-10)
     held_out: str = "test"  # what `test` holds: the test split, or "val" (data.val_fraction of the training images)
     reader: object | None = None  # the lazy file reader of a large image folder (unreadable-file count), else None
+    stream: object | None = None  # data=webdataset: the training shards the loader streams (`train` holds a sample of them)
+
+    @property
+    def train_count(self) -> int:
+        """Training images per epoch: the stream's samples, or the train split's."""
+        return len(self.stream) if self.stream is not None else len(self.train)
 
     @property
     def labeled(self) -> bool:

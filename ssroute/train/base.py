@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from ssroute.data.loader import ResumableLoader
+from ssroute.data.shard_loader import ShardLoader
 
 
 class NonFiniteLossError(RuntimeError):
@@ -35,7 +36,7 @@ class ResumableModule(pl.LightningModule):
         # Augmentation and dropout randomness depend only on (seed, step, rank): resumes repeat exactly.
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.global_step * 7919 + self.global_rank)
         loader = self.trainer.train_dataloader
-        if isinstance(loader, ResumableLoader):
+        if isinstance(loader, (ResumableLoader, ShardLoader)):
             loader.mark_consumed()
             loader.check_data()
         self._batch_images = batch[0].shape[0] * self.trainer.world_size

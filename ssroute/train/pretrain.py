@@ -47,7 +47,7 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
             "pretraining %s on %s (%d images, %dx%d, %d channel(s)) with patch size %d for %d epochs; run folder %s",
             cfg.ssl.name,
             data.name,
-            len(data.train),
+            data.train_count,
             data.image_size,
             data.image_size,
             data.channels,
@@ -63,6 +63,8 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
         metrics["unreadable_images"] = data.reader.bad_count()
         if metrics["unreadable_images"]:
             log.warning("skipped %d unreadable image file(s): %s", metrics["unreadable_images"], ", ".join(data.reader.bad_files()[:5]))
+    if data.stream is not None:  # data=webdataset: samples whose image did not decode were replaced
+        metrics["unreadable_images"] = int(data.stream.bad)
     metrics["monitor_time_s"] = 0.0  # measuring while training: the online monitor and the routing snapshots
     for callback in trainer.callbacks:
         if isinstance(callback, RoutingFluctuation):

@@ -29,6 +29,7 @@ from ssroute.checkpoint import ModelInputs
 from ssroute.data import DataBundle
 from ssroute.data.correspondence import matches_of
 from ssroute.data.loader import ResumableLoader, loader_workers
+from ssroute.data.shard_loader import ShardLoader
 from ssroute.data.views import ViewAugment
 from ssroute.errors import ConfigError
 from ssroute.models import build_backbone
@@ -86,7 +87,15 @@ class PretrainModule(ResumableModule):
         self.dense = None  # patch-level SSL per phase, on the phase's output tokens of corresponding patches
         if dense is not None and dense.weight > 0:
             self.dense = nn.ModuleList(
-                DensePatchLoss(self.backbone.dim, dense.proj_hidden, dense.proj_dim, dense.loss, dense.max_pairs, cfg.ssl.temperature, dense.partners == "soft")
+                DensePatchLoss(
+                    self.backbone.dim,
+                    dense.proj_hidden,
+                    dense.proj_dim,
+                    dense.loss,
+                    dense.max_pairs,
+                    cfg.ssl.temperature,
+                    dense.partners == "soft",
+                )
                 for _ in self.encoders
             )
         self.augment = ViewAugment(cfg.data.augment, data.channels, data.image_size, data.mean, data.std)
@@ -104,7 +113,16 @@ class PretrainModule(ResumableModule):
         self._phase: int | str | None = None
 
     # -- data -------------------------------------------------------------------------------
-    def train_dataloader(self) -> ResumableLoader:
+    def train_dataloader(self) -> ResumableLoader | ShardLoader:
+        if self.data.stream is not None:  # data=webdataset: batches streamed from tar shards
+            return ShardLoader(
+                self.data.stream,
+                batch_size=self.cfg.data.batch_size,
+                seed=self.cfg.seed,
+                rank=self.global_rank,
+                world_size=self.trainer.world_size,
+                num_workers=loader_workers(self.cfg.data.num_workers, self.data.stream),
+            )
         return ResumableLoader(
             self.data.train,
             batch_size=self.cfg.data.batch_size,
@@ -220,7 +238,7 @@ class PretrainModule(ResumableModule):
             phase.teacher.update(phase.encoder, None, self.phase_progress())
 
     def configure_optimizers(self):
-        steps = len(self.data.train) // self.trainer.world_size // self.cfg.data.batch_size
+        steps = self.data.train_count // self.trainer.world_size // self.cfg.data.batch_size
         limit = self.cfg.trainer.limit_train_batches
         if isinstance(limit, int):
             steps = min(steps, limit)
@@ -274,7 +292,11 @@ def check_pretrain_config(cfg: DictConfig, data: DataBundle) -> None:
         raise ConfigError(
             f"model.dim={cfg.model.dim} is not divisible by model.heads={cfg.model.heads}; pick a dim that is a multiple of heads."
         )
-    per_device = len(data.train) // max(1, _world_size(cfg))
+    if data.stream is not None and (cfg.get("superclass") or {}).get("weight", 0) > 0:
+        raise ConfigError(
+            "superclass routing clusters every training image each epoch, which streamed shards (data=webdataset) do not allow; set superclass.weight=0."
+        )
+    per_device = data.train_count // max(1, _world_size(cfg))
     if per_device < cfg.data.batch_size:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is larger than the {per_device} training images per device; lower data.batch_size."

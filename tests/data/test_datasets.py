@@ -116,7 +116,7 @@ def test_label_subset_keeps_a_share_of_every_class():
 
 
 def test_registry_is_complete():
-    assert set(DATASETS.names()) == {"digits", "fashion_mnist", "cifar10", "stl10", "image_folder"}
+    assert set(DATASETS.names()) == {"digits", "fashion_mnist", "cifar10", "stl10", "image_folder", "webdataset"}
 
 
 def test_val_fraction_holds_out_a_stratified_part_of_the_training_images():
