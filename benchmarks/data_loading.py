@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from report import machine, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         print(name, results[name], flush=True)
     report = {
         "command": "python benchmarks/data_loading.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "machine": machine(),
         "threads": args.threads,
         "batches": args.batches,
         "batch_size": args.batch_size,
@@ -312,16 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         for row in results.values():
             row["command"], row["loadavg_1min_before_after"] = report["command"], report["loadavg_1min_before_after"]
         report = {**kept, "results": {**kept["results"], **results}}
-    try:
-        with open("/proc/cpuinfo") as f:
-            report["machine"]["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "data_loading.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (args.out / "data_loading.md").write_text(text)
-    print(text)
+    write_results(args.out, "data_loading", report, markdown(report))
 
 
 if __name__ == "__main__":

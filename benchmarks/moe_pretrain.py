@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from report import machine, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -112,21 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     results["ratio_routed_over_dense"] = results["routed_median"] / results["dense_median"]
     report = {
         "command": "python benchmarks/moe_pretrain.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": __import__("torch").__version__},
+        "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "loadavg_1min_before_after": [load_before, os.getloadavg()[0]],
         "results": results,
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            report["machine"]["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "moe_pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (args.out / "moe_pretrain.md").write_text(text)
-    print(text)
+    write_results(args.out, "moe_pretrain", report, markdown(report))
 
 
 if __name__ == "__main__":
