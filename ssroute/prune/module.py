@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ssroute.data import DataBundle, ImageSet
-from ssroute.data.loader import ResumableLoader
+from ssroute.data.loader import ResumableLoader, loader_workers
 from ssroute.data.views import ViewAugment
 from ssroute.prune.distill import layerwise_loss, output_loss, sublayer_losses
 from ssroute.prune.lagrangian import LagrangianController
@@ -111,9 +111,8 @@ class PruneModule(ResumableModule):
 
     def train_dataloader(self) -> ResumableLoader:
         batch = min(self.cfg.data.batch_size, len(self.train_set))
-        return ResumableLoader(
-            self.train_set, batch, self.cfg.seed, self.global_rank, self.trainer.world_size, num_workers=self.cfg.data.num_workers
-        )
+        workers = loader_workers(self.cfg.data.num_workers, self.train_set)
+        return ResumableLoader(self.train_set, batch, self.cfg.seed, self.global_rank, self.trainer.world_size, num_workers=workers)
 
     def steps_per_epoch(self) -> int:
         return max(1, len(self.train_set) // min(self.cfg.data.batch_size, len(self.train_set)))
