@@ -55,13 +55,17 @@ def resolve_checkpoint(path: str) -> Path:
     if path == "latest":
         finished = sorted(PRETRAIN_RUNS.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
         if not finished:
-            raise ConfigError(f"checkpoint=latest found no finished pretraining run under {PRETRAIN_RUNS}; run python -m pretrain first or pass a run folder.")
+            raise ConfigError(
+                f"checkpoint=latest found no finished pretraining run under {PRETRAIN_RUNS}; run python -m pretrain first or pass a run folder."
+            )
         path = str(finished[-1].parent)
     p = Path(path)
     if p.is_dir():
         p = p / "checkpoints" / "last.ckpt"
     if not p.is_file():
-        raise ConfigError(f"checkpoint={path} is neither a .ckpt file nor a run folder with checkpoints/last.ckpt; pass the folder that pretraining printed.")
+        raise ConfigError(
+            f"checkpoint={path} is neither a .ckpt file nor a run folder with checkpoints/last.ckpt; pass the folder that pretraining printed."
+        )
     return p
 
 
@@ -83,6 +87,21 @@ def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor],
     ``hyper_parameters["inputs"]``; for ones written before that, the run's data
     is rebuilt from its config to measure them.
     """
+    _, checkpoint = load_checkpoint(path)
+    hyper = checkpoint["hyper_parameters"]
+    inputs = ModelInputs.from_dict(hyper["inputs"]) if hyper.get("inputs") else inputs_of_run(hyper["config"])
+    return hyper["config"], state_under(checkpoint["state_dict"], "backbone."), inputs
+
+
+def load_checkpoint(path: str, source_hint: str = "pass a checkpoint from python -m pretrain") -> tuple[Path, dict[str, Any]]:
+    """(checkpoint file, the whole checkpoint) of a run folder, a .ckpt file or ``latest``.
+
+    A file torch cannot read, or one without a run config holding ``model``
+    inside ``hyper_parameters``, is a one-sentence error; ``source_hint`` ends the
+    second (what the caller reads: pretraining runs, or also fine-tuned ones).
+    The checkpoint holds ``hyper_parameters["config"]`` (the run config) and
+    ``state_dict`` (every module's weights under its prefix, e.g. ``backbone.``).
+    """
     file = resolve_checkpoint(path)
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=False)
@@ -90,10 +109,13 @@ def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor],
         raise ConfigError(f"checkpoint {file} cannot be read ({type(err).__name__}); it is corrupt or not a PyTorch checkpoint.") from None
     config = checkpoint.get("hyper_parameters", {}).get("config") if isinstance(checkpoint, dict) else None
     if not config or "model" not in config:
-        raise ConfigError(f"checkpoint {file} was not written by ssroute (no model config inside); pass a checkpoint from python -m pretrain.")
-    state = {k[len("backbone."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
-    recorded = checkpoint["hyper_parameters"].get("inputs")
-    return config, state, ModelInputs.from_dict(recorded) if recorded else inputs_of_run(config)
+        raise ConfigError(f"checkpoint {file} was not written by ssroute (no model config inside); {source_hint}.")
+    return file, checkpoint
+
+
+def state_under(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The weights of ``state_dict`` under ``prefix`` (``"backbone."``, ``"head."``), with the prefix taken off."""
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def inputs_of_run(config: dict[str, Any]) -> ModelInputs:

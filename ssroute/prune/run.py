@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from ssroute.checkpoint import check_data_fits, load_backbone_state, resolve_checkpoint
+from ssroute.checkpoint import check_data_fits, load_backbone_state, load_checkpoint, resolve_checkpoint, state_under
 from ssroute.config import DataConfig, validate_prune
 from ssroute.data import build_data
 from ssroute.errors import ConfigError
@@ -44,30 +44,23 @@ from ssroute.upcycle.run import backbone_config
 
 log = logging.getLogger(__name__)
 
+PRUNE_SOURCES = "pass a run folder of python -m pretrain or finetune"  # what a foreign checkpoint's error suggests
+
 
 def load_run(path: str, data) -> tuple[nn.Module, nn.Module | None, dict[str, Any], Path]:
     """(backbone, classification head or None, run config, checkpoint file) of a run, for ``data``."""
-    file = resolve_checkpoint(path)
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ConfigError(f"checkpoint {file} cannot be read ({type(err).__name__}); it is corrupt or not a PyTorch checkpoint.") from None
-    config = checkpoint.get("hyper_parameters", {}).get("config") if isinstance(checkpoint, dict) else None
-    if not config or "model" not in config:
-        raise ConfigError(
-            f"checkpoint {file} was not written by ssroute (no model config inside); pass a run folder of python -m pretrain or finetune."
-        )
+    file, checkpoint = load_checkpoint(path, PRUNE_SOURCES)
+    config = checkpoint["hyper_parameters"]["config"]
     if config["model"].get("name", "vit") != "vit":
         raise ConfigError(
             f"checkpoint {file} is a model={config['model']['name']} run; structured pruning supports model=vit backbones only."
         )
-    state = checkpoint["state_dict"]
-    backbone_state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    backbone_state = state_under(checkpoint["state_dict"], "backbone.")
     cfg = backbone_config(config)
     check_data_fits(cfg.data.name, data, backbone_state, cfg.model.patch_size)
     backbone = build_backbone(cfg, data.image_size, data.channels)
     load_backbone_state(backbone, backbone_state, file)
-    head_state = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
+    head_state = state_under(checkpoint["state_dict"], "head.")
     head = None
     if head_state and data.labeled:
         classes = head_state["1.weight"].shape[0]
@@ -118,7 +111,7 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     if resume_dir is None:
         with open_dict(cfg):
             cfg.checkpoint = str(resolve_checkpoint(cfg.checkpoint))
-        source_config = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("config") or {}
+        source_config = load_checkpoint(cfg.checkpoint, PRUNE_SOURCES)[1]["hyper_parameters"]["config"]
         if "data" in source_config:
             _data_config(cfg, source_config, overrides)
     data = build_data(cfg.data, cfg.seed)
