@@ -50,6 +50,11 @@ class ModelInputs:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
+def last_checkpoint(run_dir: Path) -> Path:
+    """Where a run folder keeps its checkpoint: ``<run>/checkpoints/last.ckpt``."""
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
 def resolve_checkpoint(path: str) -> Path:
     """A run folder, a .ckpt file or ``latest`` (newest finished pretraining run) -> the checkpoint file."""
     if path == "latest":
@@ -61,7 +66,7 @@ def resolve_checkpoint(path: str) -> Path:
         path = str(finished[-1].parent)
     p = Path(path)
     if p.is_dir():
-        p = p / "checkpoints" / "last.ckpt"
+        p = last_checkpoint(p)
     if not p.is_file():
         raise ConfigError(
             f"checkpoint={path} is neither a .ckpt file nor a run folder with checkpoints/last.ckpt; pass the folder that pretraining printed."

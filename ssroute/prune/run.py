@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from ssroute.checkpoint import check_data_fits, load_backbone_state, load_checkpoint, resolve_checkpoint, state_under
+from ssroute.checkpoint import check_data_fits, last_checkpoint, load_backbone_state, load_checkpoint, resolve_checkpoint, state_under
 from ssroute.config import DataConfig, validate_prune
 from ssroute.data import build_data
 from ssroute.errors import ConfigError
@@ -39,7 +39,7 @@ from ssroute.prune.measure import images_per_second, paired_images_per_second, t
 from ssroute.prune.module import PruneModule, Teacher
 from ssroute.prune.sparsity import expected_sparsity, sparsity
 from ssroute.prune.surgery import prune_head, prune_state, pruned_config
-from ssroute.train.run import build_trainer, find_resume_dir, quiet_third_party_logs, resumed_config, save_config
+from ssroute.train.run import build_trainer, save_config, start_run
 from ssroute.upcycle.run import backbone_config
 
 log = logging.getLogger(__name__)
@@ -103,12 +103,9 @@ def _probes(backbone: nn.Module, data, cfg: DictConfig, prefix: str) -> dict[str
 
 
 def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
-    quiet_third_party_logs()
-    resume_dir = find_resume_dir(cfg.resume, run_dir.parent)
-    if resume_dir is not None:
-        cfg, run_dir = resumed_config(resume_dir, cfg), resume_dir
+    cfg, run_dir, resume_from = start_run(cfg, run_dir)
     validate_prune(cfg)
-    if resume_dir is None:
+    if resume_from is None:
         with open_dict(cfg):
             cfg.checkpoint = str(resolve_checkpoint(cfg.checkpoint))
         source_config = load_checkpoint(cfg.checkpoint, PRUNE_SOURCES)[1]["hyper_parameters"]["config"]
@@ -133,7 +130,7 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     module = PruneModule(cfg, data, train_set, copy.deepcopy(source).train(), copy.deepcopy(head), teacher)
     before = {}
     trainer = build_trainer(cfg, run_dir, [], monitor=False)
-    if trainer.is_global_zero and resume_dir is None:
+    if trainer.is_global_zero and resume_from is None:
         before = _measure(source, head, data, module.augment.normalize, cfg, "_before")
         before.update({} if head is not None else _probes(source, data, cfg, "_before"))
         save_config(cfg, run_dir)
@@ -143,8 +140,7 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
         import json
 
         before = json.loads((run_dir / "before.json").read_text())
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, ckpt_path=str(ckpt) if resume_dir is not None else None)
+    trainer.fit(module, ckpt_path=resume_from)
     if trainer.is_global_zero:
         finish_prune(cfg, run_dir, module, source_config, before)
     return run_dir
@@ -211,7 +207,7 @@ def finish_prune(
         "prune": {"gates": z, "log_alpha": {} if module.masks is None else {n: g.log_alpha.detach().cpu() for n, g in module.masks.gates.items()},
                   "source": str(cfg.checkpoint)},
     }  # fmt: skip
-    save_atomic(checkpoint, run_dir / "checkpoints" / "last.ckpt")
+    save_atomic(checkpoint, last_checkpoint(run_dir))
     OmegaConf.save(OmegaConf.create(new_config), run_dir / "pruned_config.yaml")
     if cfg.evaluate:
         from ssroute.eval.evaluation import evaluate_backbone

@@ -15,14 +15,14 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ssroute.checkpoint import check_data_fits, load_pretrained, resolve_checkpoint
+from ssroute.checkpoint import check_data_fits, last_checkpoint, load_pretrained, resolve_checkpoint
 from ssroute.config import resolve_data_defaults, validate_finetune
 from ssroute.data import build_data, label_subset
 from ssroute.errors import ConfigError
 from ssroute.models.compile import compile_backbone
 from ssroute.train.finetune_module import FinetuneModule
 from ssroute.train.loggers import check_loggers
-from ssroute.train.run import build_trainer, find_resume_dir, finish_run, quiet_third_party_logs, resumed_config, save_config
+from ssroute.train.run import build_trainer, finish_run, save_config, start_run
 from ssroute.train.schedule import resolve_stack_model
 from ssroute.train.threads import apply_threads
 
@@ -53,15 +53,12 @@ def merge_model_config(cfg: DictConfig, pretrained: dict[str, Any], overrides: l
 
 
 def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
-    quiet_third_party_logs()
-    resume_dir = find_resume_dir(cfg.resume, run_dir.parent)
-    if resume_dir is not None:
-        cfg, run_dir = resumed_config(resume_dir, cfg), resume_dir
+    cfg, run_dir, resume_from = start_run(cfg, run_dir)
     validate_finetune(cfg)
     apply_threads(cfg.trainer)
     check_loggers(cfg.trainer.get("loggers") or [])
     backbone_state = None
-    if cfg.checkpoint and resume_dir is None:
+    if cfg.checkpoint and resume_from is None:
         with open_dict(cfg):
             cfg.checkpoint = str(resolve_checkpoint(cfg.checkpoint))  # the run folder is recorded, not "latest"
         pretrained, backbone_state = load_pretrained(cfg.checkpoint)
@@ -88,16 +85,17 @@ def run_finetune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     try:
         module = FinetuneModule(cfg, data, train_set, backbone_state)
     except RuntimeError as err:  # load_state_dict: missing / unexpected / mis-shaped weights
-        raise ConfigError(f"the checkpoint's weights do not fit the model built from its config ({str(err).splitlines()[0]}); the checkpoint is from an incompatible version.") from None
+        raise ConfigError(
+            f"the checkpoint's weights do not fit the model built from its config ({str(err).splitlines()[0]}); the checkpoint is from an incompatible version."
+        ) from None
     if cfg.trainer.get("compile"):
         log.info("torch.compile on %s", ", ".join(compile_backbone(module.backbone)))
     trainer = build_trainer(cfg, run_dir, [], monitor=False)
     if trainer.is_global_zero:
         save_config(cfg, run_dir)
         log.info("fine-tuning (%s) on %d labelled %s images; run folder %s", cfg.mode, len(train_set), data.name, run_dir)
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, ckpt_path=str(ckpt) if resume_dir is not None else None)
-    trainer.save_checkpoint(str(ckpt))
+    trainer.fit(module, ckpt_path=resume_from)
+    trainer.save_checkpoint(str(last_checkpoint(run_dir)))
     trainer.validate(module, verbose=False)
     metrics = {
         "test_top1": module.test_top1,

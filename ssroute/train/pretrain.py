@@ -8,6 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
+from ssroute.checkpoint import last_checkpoint
 from ssroute.config import resolve_data_defaults, validate_pretrain
 from ssroute.data import build_data
 from ssroute.eval.evaluation import RUN_PROTOCOLS
@@ -15,7 +16,7 @@ from ssroute.models.compile import compile_backbone
 from ssroute.train.callbacks import OnlineMonitor, RoutingFluctuation
 from ssroute.train.loggers import check_loggers
 from ssroute.train.pretrain_module import PretrainModule, check_pretrain_config, throughput
-from ssroute.train.run import build_trainer, find_resume_dir, finish_run, quiet_third_party_logs, resumed_config, save_config
+from ssroute.train.run import build_trainer, finish_run, save_config, start_run
 from ssroute.train.schedule import resolve_stack
 from ssroute.train.threads import apply_threads
 
@@ -24,11 +25,7 @@ log = logging.getLogger(__name__)
 
 def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
     """Pretrain as ``cfg`` says and return the run folder (which may be a resumed one)."""
-    quiet_third_party_logs()
-    resume_dir = find_resume_dir(cfg.resume, run_dir.parent)
-    if resume_dir is not None:
-        cfg, run_dir = resumed_config(resume_dir, cfg), resume_dir
-        log.info("resuming %s from checkpoints/last.ckpt", run_dir)
+    cfg, run_dir, resume_from = start_run(cfg, run_dir)
     validate_pretrain(cfg)
     threads = apply_threads(cfg.trainer)
     check_loggers(cfg.trainer.get("loggers") or [])
@@ -55,9 +52,8 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> Path:
             cfg.trainer.max_epochs,
             run_dir,
         )
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, ckpt_path=str(ckpt) if resume_dir is not None else None)
-    trainer.save_checkpoint(str(ckpt))
+    trainer.fit(module, ckpt_path=resume_from)
+    trainer.save_checkpoint(str(last_checkpoint(run_dir)))
     metrics: dict[str, float] = {"epochs": trainer.current_epoch, "steps": trainer.global_step, **throughput(module), "threads": threads}
     if data.reader is not None:  # a lazily read image folder: files that failed to decode were skipped
         metrics["unreadable_images"] = data.reader.bad_count()

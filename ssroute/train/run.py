@@ -1,4 +1,4 @@
-"""What both entry points share: run folders, resuming, the Trainer, metrics.json.
+"""What the training entry points (pretraining, fine-tuning, pruning) share: run folders, resuming, the Trainer, metrics.json.
 
 Every run is a folder (Hydra's output dir): the resolved ``config.yaml``,
 ``checkpoints/`` (``last.ckpt`` every N steps and at the end; Lightning writes
@@ -17,6 +17,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from ssroute.checkpoint import last_checkpoint
 from ssroute.errors import ConfigError
 from ssroute.io import write_json_atomic
 
@@ -33,6 +34,22 @@ def quiet_third_party_logs() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
 
 
+def start_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path, str | None]:
+    """(config, run folder, checkpoint to resume from) of a pretraining, fine-tuning or pruning run about to start.
+
+    A fresh run keeps ``cfg`` and ``run_dir`` and resumes from nothing (None).
+    With ``resume=true`` or ``resume=PATH`` (:func:`find_resume_dir`) it is the
+    resumed run's own folder and saved config, and its ``checkpoints/last.ckpt``
+    for ``trainer.fit(module, ckpt_path=...)``.
+    """
+    quiet_third_party_logs()
+    resume_dir = find_resume_dir(cfg.resume, run_dir.parent)
+    if resume_dir is None:
+        return cfg, run_dir, None
+    log.info("resuming %s from checkpoints/last.ckpt", resume_dir)
+    return resumed_config(resume_dir, cfg), resume_dir, str(last_checkpoint(resume_dir))
+
+
 def find_resume_dir(resume: Any, runs_root: Path) -> Path | None:
     """The run folder to resume: None (fresh run), a given path, or the newest unfinished run."""
     if resume in (False, None, "false", "False", ""):
@@ -43,9 +60,9 @@ def find_resume_dir(resume: Any, runs_root: Path) -> Path | None:
             raise ConfigError(
                 f"resume=true found no unfinished run with checkpoints/last.ckpt under {runs_root}; pass resume=RUN_FOLDER instead."
             )
-        return max(candidates, key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime)
+        return max(candidates, key=lambda p: last_checkpoint(p).stat().st_mtime)
     path = Path(str(resume))
-    if not (path / "checkpoints" / "last.ckpt").exists():
+    if not last_checkpoint(path).exists():
         raise ConfigError(f"resume={path} has no checkpoints/last.ckpt to resume from; pass a run folder that a killed run left behind.")
     return path
 
