@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from ssroute.checkpoint import load_pretrained, resolve_checkpoint
+from ssroute.checkpoint import load_checkpoint, load_pretrained
 from ssroute.data import build_data
 from ssroute.data.views import normalize
 from ssroute.errors import ConfigError
@@ -122,10 +122,10 @@ def upcycle_checkpoint(
         if selection == "mlp":
             report[f"block{i}"] = train_selection_router(moe.router, ffn, groups, inputs[i], steps=steps, seed=seed)
 
-    source = torch.load(resolve_checkpoint(checkpoint), map_location="cpu", weights_only=False)
+    source_file, source = load_checkpoint(checkpoint)
     state = {key: value for key, value in source["state_dict"].items() if not key.startswith("backbone.")}
     state.update({f"backbone.{key}": value for key, value in routed.state_dict().items()})
-    info = {"source": str(resolve_checkpoint(checkpoint)), "num_experts": num_experts, "layers": layers, "selection": selection, "k": k,
+    info = {"source": str(source_file), "num_experts": num_experts, "layers": layers, "selection": selection, "k": k,
             "steps": steps, "images": int(pick.numel()), "router_fit": report}  # fmt: skip
     inputs = {"inputs": source["hyper_parameters"]["inputs"]} if "inputs" in source["hyper_parameters"] else {}
     return {"hyper_parameters": {"config": new_config, **inputs}, "state_dict": state, "upcycle": info}
