@@ -18,6 +18,12 @@ the per-seed differences), sorted by the size of the linear-probe effect.
     python benchmarks/knobs.py --knobs router consistency --epochs 6
     python benchmarks/knobs.py --quick               # digits, 256 images, 1 epoch, 2 knobs: checks the pipeline end to end
     python benchmarks/knobs.py --list                # the knobs, their questions and the sweeps they would run
+    python benchmarks/knobs.py --jobs 2              # two multiruns at once, each on its own share of the cores
+
+With ``--jobs N`` the multiruns (the default's included) run N at a time, each
+pinned to its own ``cores / N`` CPUs with as many threads, so the runs do not
+oversubscribe the cores and images/s stays comparable between settings: every
+run trains while N - 1 others do.
 
 Multiruns go to ``--runs`` (default ``multirun/knobs``; ``--quick``:
 ``multirun/knobs_quick``); a knob whose folder already has a finished run for
@@ -31,10 +37,12 @@ import argparse
 import csv
 import os
 import platform
+import queue
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,13 +195,41 @@ def sweep_size(overrides: list[str]) -> int:
     return total
 
 
-def multirun(folder: Path, sweep: list[str], args: argparse.Namespace) -> Path:
-    """Run (or reuse) the multirun of ``sweep`` in ``folder`` and tabulate it with ``python -m ssroute.sweep_table``."""
+def lanes(jobs: int) -> queue.Queue[list[int]]:
+    """``jobs`` disjoint sets of this process's CPUs, one per concurrent multirun."""
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux: no pinning, threads only
+        cores = list(range(os.cpu_count() or 1))
+    if jobs > len(cores):
+        raise SystemExit(f"--jobs {jobs} is more than the {len(cores)} CPUs this process may use; pass --jobs {len(cores)} or fewer.")
+    free: queue.Queue[list[int]] = queue.Queue()
+    for lane in range(jobs):
+        free.put(cores[lane::jobs])
+    return free
+
+
+def multirun(folder: Path, sweep: list[str], args: argparse.Namespace, free: queue.Queue[list[int]] | None = None) -> Path:
+    """Run (or reuse) the multirun of ``sweep`` in ``folder`` and tabulate it with ``python -m ssroute.sweep_table``.
+
+    With ``free`` (from :func:`lanes`) the multirun takes one set of CPUs for its
+    runs, pinned there with one thread per CPU, and gives it back when it ends.
+    """
     finished = len(list(folder.glob("*/metrics.json"))) if folder.is_dir() else 0
     if finished < sweep_size([*budget(args), *_split(sweep)]):
         command = [sys.executable, "-m", "pretrain", "-m", *budget(args), *_split(sweep), f"hydra.sweep.dir={folder}"]
-        print(" ".join(command[1:]), flush=True)
-        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        cores = free.get() if free is not None else None
+        try:
+            env, pin = dict(os.environ), None
+            if cores is not None:
+                env["OMP_NUM_THREADS"] = str(len(cores))
+                if hasattr(os, "sched_setaffinity"):
+                    pin = lambda: os.sched_setaffinity(0, cores)  # noqa: E731
+            print(" ".join(command[1:]) + (f"    # CPUs {cores}" if cores is not None else ""), flush=True)
+            subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=env, preexec_fn=pin)
+        finally:
+            if cores is not None:
+                free.put(cores)
     subprocess.run([sys.executable, "-m", "ssroute.sweep_table", str(folder)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return folder / "sweep.csv"
 
@@ -261,6 +297,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "multirun" / "knobs")
     parser.add_argument("--quick", action="store_true", help="digits, 256 images, 1 epoch, knobs consistency and num_experts")
     parser.add_argument("--list", action="store_true", help="print the knobs and their sweeps, run nothing")
+    parser.add_argument("--jobs", type=int, default=1, help="multiruns at once, each pinned to its own cores / jobs CPUs")
     args = parser.parse_args()
     name = "knobs"
     if args.quick:
@@ -281,21 +318,26 @@ def main() -> None:
             print(f"{knob.name}: {knob.question}\n    {' '.join(knob.sweep) or 'skipped: ' + knob.skipped}")
         return
     start = time.time()
-    baseline = read_table(multirun(args.runs / "default", [], args)).get((), {})
-    rows, skipped = [], {}
-    for knob in chosen:
-        if not knob.sweep:
-            skipped[knob.name] = knob.skipped
-            continue
-        table = read_table(multirun(args.runs / knob.name, knob.sweep, args))
-        for setting, seeds in table.items():
+    measured = [k for k in chosen if k.sweep]
+    skipped = {k.name: k.skipped for k in chosen if not k.sweep}
+    free = lanes(args.jobs) if args.jobs > 1 else None
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        default_run = pool.submit(multirun, args.runs / "default", [], args, free)
+        sweeps = {k.name: pool.submit(multirun, args.runs / k.name, k.sweep, args, free) for k in measured}
+        baseline = read_table(default_run.result()).get((), {})
+        tables = {name: read_table(future.result()) for name, future in sweeps.items()}
+    rows = []
+    for knob in measured:
+        for setting, seeds in tables[knob.name].items():
             rows.append({"knob": knob.name, "setting": " ".join(setting), "effects": effects(baseline, seeds), "seeds": seeds})
     rows.sort(key=lambda r: -abs(r["effects"]["linear_top1"]["mean"]) if r["effects"]["linear_top1"] else 0.0)
     fixed = " ".join(o for o in budget(args) if not o.startswith("seed="))
     meta = {
-        "command": "python benchmarks/knobs.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/knobs.py" + (" --quick" if args.quick else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else ""),
         "budget": f"python -m pretrain {fixed}, seeds {args.seeds}, everything else the default recipe",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, no GPU",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} run(s) at once"
+        + (f" on {len(os.sched_getaffinity(0)) // args.jobs} CPU(s) and thread(s) each" if args.jobs > 1 and hasattr(os, "sched_getaffinity") else "")
+        + ", no GPU",
         "wall_time_s": round(time.time() - start, 1),
         "default": {
             "router": recipe["router"],
