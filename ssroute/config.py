@@ -53,11 +53,11 @@ class DataConfig:
 
 @dataclass
 class DepthRouterConfig:
-    """Routing over depth (model=vit_depth, ssroute/models/depth_router.py, docs/depth_routing.md)."""
+    """Routing over depth (model=vit_depth, or a depth stage of a stack; ssroute/models/depth_router.py, docs/depth_routing.md)."""
 
-    pool_blocks: int | None = None  # transformer blocks in the pool shared by every step; null = model.depth (the dense ViT's parameters)
+    pool_blocks: int | None = None  # transformer blocks in the pool shared by every step; null = model.depth (vit_depth), model.ssl_layers (a depth stage)
     identity_blocks: int = 1  # identity choices in the pool: an image that picks one skips that step at no cost
-    max_steps: int | None = None  # the most routed steps per image; null = model.depth (the dense ViT's depth)
+    max_steps: int | None = None  # the most routed steps per image; null = model.depth (vit_depth), the pool's blocks (a depth stage)
     halting: bool = False  # adaptive computation time: a halting unit per step, halted images stop being computed
     halt_epsilon: float = 0.01  # ACT halts once the cumulative halting score reaches 1 - halt_epsilon
     ponder_weight: float = 0.01  # weight of the ACT ponder cost mean(steps + remainder) / max_steps (halting only)
@@ -110,9 +110,10 @@ class ModelConfig:
     moe_k: list[int] = field(default_factory=list)  # k of each MoE layer, aligned with moe_layers; [] = the router's k
     group_images: int = 1  # images per routing group of the MoE layers: capacity, batch priority and balance losses act per group
     router_context: float = 0.0  # share of each token's router input taken from its image's mean token (0 = the token alone)
-    stack: list[str] = field(default_factory=list)  # e.g. [ssl, route, ssl]: sets depth and moe_layers; dense = a 1-block dense stage; [] = use them
+    depth_layers: list[int] = field(default_factory=list)  # blocks replaced by a pool of blocks routed over depth (model.depth_router; at most one); [] = none
+    stack: list[str] = field(default_factory=list)  # e.g. [ssl, route, ssl]: sets depth, moe_layers, depth_layers; dense = a 1-block dense stage, depth = a pool routed over depth; [] = use them
     ssl_layers: int = 1  # dense transformer blocks in each ssl block of the stack
-    depth_router: DepthRouterConfig = field(default_factory=DepthRouterConfig)  # model=vit_depth only: the pool, steps and halting
+    depth_router: DepthRouterConfig = field(default_factory=DepthRouterConfig)  # model=vit_depth, or model.depth_layers / a depth stage: the pool, steps and halting
     shape: ShapeConfig = field(default_factory=ShapeConfig)  # per-block widths of a pruned model; empty = the uniform widths above
     attention: str = "softmax"  # softmax or relu (ReLU / sequence length, Wortsman et al. 2023) in every attention
     moa: AttentionHeadsConfig = field(default_factory=AttentionHeadsConfig)  # attention heads routed per token like FFN experts

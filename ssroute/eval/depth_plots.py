@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ssroute.eval.features import evaluating
 from ssroute.eval.plots import _display, _save, expert_colours
+from ssroute.models.depth_router import depth_stack
 from ssroute.models.depth_stats import DepthStats
 
 
@@ -113,7 +114,7 @@ def plot_identity_over_training(path, metrics_csv) -> Path | None:
 
 def depth_stats_of(backbone: nn.Module, images_normalised: Tensor, batch_size: int = 512) -> tuple[DepthStats, Tensor]:
     """The :class:`DepthStats` of ``backbone`` in eval mode on the images, and the picks of the first batch."""
-    stack = backbone.stack
+    stack = depth_stack(backbone)
     stats = DepthStats(stack.max_steps, stack.num_choices, stack.num_blocks)
     first = None
     with evaluating(backbone):
@@ -128,7 +129,7 @@ def write_depth_plots(out_dir, backbone: nn.Module, images_normalised: Tensor, i
     """The order, co-selection, identity and instance-wise plots of a depth-routed backbone on the images."""
     out = Path(out_dir)
     stats, picks = depth_stats_of(backbone, images_normalised)
-    names = backbone.stack.names
+    names = depth_stack(backbone).names
     return [
         plot_depth_order(out / "depth_order.png", stats, names),
         plot_depth_coselection(out / "depth_coselection.png", stats, names),

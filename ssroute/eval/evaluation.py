@@ -45,6 +45,7 @@ from ssroute.eval.probes import block_probes, stacked_features
 from ssroute.eval.report import render_report
 from ssroute.eval.retrieval import retrieval_metrics
 from ssroute.io import write_json_atomic
+from ssroute.models.depth_router import depth_stack
 from ssroute.moe import moe_layers
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def evaluate_backbone(
     """
     start = time.perf_counter()
     routed = bool(moe_layers(backbone))
-    depth_routed = hasattr(backbone, "stack")
+    depth_routed = depth_stack(backbone) is not None
     labelled = data.labeled and data.test is not None
     chosen, skipped = choose_protocols(protocols, labelled, routed, data_name or data.name, depth_routed)
     if out_dir is None and "plots" in chosen:
@@ -229,4 +230,5 @@ def depth_metrics(backbone: nn.Module, images: torch.Tensor, batch_size: int = 5
     from ssroute.models.depth_stats import depth_parameters
 
     stats, _ = depth_stats_of(backbone, images, batch_size)
-    return {**stats.summary(backbone.stack.names, order=True), **depth_parameters(backbone.stack)}
+    stack = depth_stack(backbone)
+    return {**stats.summary(stack.names, order=True), **depth_parameters(stack)}

@@ -57,6 +57,8 @@ def check_timm_compatible(backbone: nn.Module, config: dict[str, Any], run: str)
             f"format=timm needs a dense ViT, but {run} is model.name={config['model']['name']} (routing over depth has no timm equivalent); {fix}."
         )
     model = config["model"]
+    if model.get("depth_layers"):
+        raise ConfigError(f"format=timm needs a dense ViT, but {run} routes block {list(model['depth_layers'])} over depth (no timm equivalent); {fix}.")
     for key, plain in (("position", "absolute"), ("stem", "patch")):  # rotary positions, a convolutional stem (configs before them: plain)
         if model.get(key, plain) != plain:
             raise ConfigError(

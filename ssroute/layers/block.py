@@ -73,3 +73,14 @@ class TransformerBlock(nn.Module):
             y, routing = self.ffn.forward_with_routing(self.norm2(x))
             return x + y, routing
         return x + self.ffn(self.norm2(x)), None
+
+
+def init_weights(module: nn.Module) -> None:
+    """ViT initialisation (``module.apply(init_weights)``): truncated-normal linear weights (std 0.02), zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -40,8 +40,8 @@ class ForwardAux:
             ``ponder`` (sequential patch selection), ``depth_ponder`` (ACT over depth).
         tokens: ``[batch, tokens, dim]`` after the last block that ran (before the pool's norm).
         block_tokens: ``[batch, tokens, dim]`` after each block that ran, when asked for.
-        depth: routing over depth only (``model=vit_depth``): this forward's
-            choices (:class:`~ssroute.models.depth_router.DepthTrace`).
+        depth: routing over depth only (``model=vit_depth``, or a ``depth`` stage of a
+            stack): this forward's choices (:class:`~ssroute.models.depth_router.DepthTrace`).
     """
 
     routings: dict[int, Routing] = field(default_factory=dict)

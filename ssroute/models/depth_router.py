@@ -59,11 +59,10 @@ import torch
 from torch import Tensor, nn
 
 from ssroute.errors import ConfigError
-from ssroute.layers.block import TransformerBlock
+from ssroute.layers.block import TransformerBlock, init_weights
 from ssroute.layers.mlp import FeedForward
 from ssroute.models.depth_controller import DepthController
 from ssroute.models.depth_tokens import block_on_tokens
-from ssroute.models.vit import _init_weights
 
 
 @dataclass
@@ -119,6 +118,8 @@ class DepthRoutedStack(nn.Module):
         router_hidden: memory width of a recurrent router; None = ``dim``.
     """
 
+    routes_over_depth = True  # a ViT runs it in a block's place and hands its DepthTrace up (ForwardAux.depth)
+
     def __init__(
         self,
         dim: int,
@@ -160,7 +161,7 @@ class DepthRoutedStack(nn.Module):
         self.state_norm = nn.LayerNorm(dim)
         self.controller = DepthController(dim, self.num_choices, max_steps, kind, step_input, router_hidden)
         self.halt_head = nn.Linear(dim, 1) if halting else None
-        self.apply(_init_weights)
+        self.apply(init_weights)
         self._register_load_state_dict_pre_hook(_rename_linear_router)
         with torch.no_grad():
             diagonal = torch.arange(min(max_steps, pool_blocks))
@@ -199,15 +200,17 @@ class DepthRoutedStack(nn.Module):
         choices: Tensor | None = None,
         steps: int | None = None,
         outputs: list[Tensor] | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, DepthTrace]:
         """Route ``x [B, N, dim]`` over depth; returns the tokens and the :class:`DepthTrace` of the choices.
 
         ``mask [B, N]`` False = padding; ``weights [B, N]`` pool weights of the state; ``choices [B, S]`` forces the
-        picks (tests, analysis); ``steps`` caps the steps; ``outputs``, when given, receives the state after each step.
+        picks (tests, analysis); ``steps`` caps the steps; ``outputs``, when given, receives the state after each step;
+        ``rope`` the tokens' rotary position code ``(cos, sin)``, each ``[B, 1, N, head_dim]`` (``ssroute.layers.rope``).
         """
         batch, total_steps = x.shape[0], min(steps or self.max_steps, self.max_steps)
         if self.per_token:
-            return self._forward_tokens(x, mask, choices, total_steps, outputs)
+            return self._forward_tokens(x, mask, choices, total_steps, outputs, rope)
         memory = self.controller.initial(batch, x.device)
         active = torch.ones(batch, dtype=torch.bool, device=x.device)
         total = torch.zeros(batch, device=x.device)
@@ -226,7 +229,7 @@ class DepthRoutedStack(nn.Module):
             choice = self.choose(logits, None if choices is None else choices[index, step])
             picks[index, step] = choice
             gate = probs.gather(1, choice[:, None]).squeeze(1)
-            x = self.apply_step(x, index, choice, gate - gate.detach(), mask)
+            x = self.apply_step(x, index, choice, gate - gate.detach(), mask, rope)
             last = step == total_steps - 1
             force = torch.full_like(choice, last, dtype=torch.bool)
             if self.stop_on_identity:
@@ -249,7 +252,13 @@ class DepthRoutedStack(nn.Module):
         return result, DepthTrace(picks, halted_at, ponder.detach(), self.ponder_weight * ponder / self.max_steps)
 
     def _forward_tokens(
-        self, x: Tensor, mask: Tensor | None, choices: Tensor | None, total_steps: int, outputs: list[Tensor] | None
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        choices: Tensor | None,
+        total_steps: int,
+        outputs: list[Tensor] | None,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, DepthTrace]:
         """Per-token routing: each token picks a block at each step; ``choices`` ``[B, N, S]`` (or ``[B, S]``, every token alike)."""
         batch, tokens, dim = x.shape
@@ -263,7 +272,7 @@ class DepthRoutedStack(nn.Module):
             gate = logits.float().softmax(dim=-1).gather(1, choice.view(-1, 1)).view(batch, tokens)
             out = x
             for j, block in enumerate(self.blocks):  # every block reads the start-of-step state x and writes its own tokens
-                out = block_on_tokens(block, x, out, choice == j, gate - gate.detach(), mask)
+                out = block_on_tokens(block, x, out, choice == j, gate - gate.detach(), mask, rope)
             x = out
             picks[:, :, step] = choice
             if outputs is not None:
@@ -271,7 +280,9 @@ class DepthRoutedStack(nn.Module):
         halted_at = torch.full((batch, tokens), float(total_steps), device=x.device)
         return x, DepthTrace(picks, halted_at, None, None)
 
-    def apply_step(self, x: Tensor, index: Tensor, choice: Tensor, gate: Tensor, mask: Tensor | None) -> Tensor:
+    def apply_step(
+        self, x: Tensor, index: Tensor, choice: Tensor, gate: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         """Apply each image's chosen block: images ``index [A]`` grouped by ``choice [A]``, each pool block run once on its group.
 
         ``gate [A]`` is zero-valued (``p - sg(p)``) and carries the router's gradient; identity choices leave their images untouched.
@@ -284,10 +295,19 @@ class DepthRoutedStack(nn.Module):
                 group = index[order[start : start + count]]
                 gate_group = gate[order[start : start + count]].to(x.dtype)[:, None, None]
                 before = x[group]
-                after, _ = block(before, None if mask is None else mask[group])
+                group_rope = None if rope is None else (rope[0][group], rope[1][group])
+                after, _ = block(before, None if mask is None else mask[group], group_rope)
                 x = x.index_copy(0, group, after + gate_group * (after - before))
             start += count
         return x
+
+
+def depth_stack(backbone: nn.Module) -> DepthRoutedStack | None:
+    """The backbone's pool routed over depth: ``model=vit_depth``'s stack, or a ``depth`` stage of a ViT stack; None if neither."""
+    stack = getattr(backbone, "stack", None)
+    if isinstance(stack, DepthRoutedStack):
+        return stack
+    return next((block for block in getattr(backbone, "blocks", ()) if isinstance(block, DepthRoutedStack)), None)
 
 
 def _rename_linear_router(state_dict, prefix, *args) -> None:

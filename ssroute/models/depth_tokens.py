@@ -19,6 +19,7 @@ patch mask on the keys, and the outputs are scattered back with ``index_put``.
 
 >>> import torch
 >>> from ssroute.layers.block import TransformerBlock
+from ssroute.layers.rope import rotate
 >>> from ssroute.layers.mlp import FeedForward
 >>> block = TransformerBlock(dim=8, heads=2, ffn=FeedForward(8, 16))
 >>> x = torch.randn(2, 5, 8)
@@ -34,15 +35,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssroute.layers.block import TransformerBlock
+from ssroute.layers.rope import rotate
 
 
 def block_on_tokens(
-    block: TransformerBlock, source: Tensor, out: Tensor, chosen: Tensor, gate: Tensor, mask: Tensor | None = None
+    block: TransformerBlock,
+    source: Tensor,
+    out: Tensor,
+    chosen: Tensor,
+    gate: Tensor,
+    mask: Tensor | None = None,
+    rope: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Write ``block`` applied to the ``chosen [B, N]`` tokens of ``source [B, N, dim]`` into ``out``; returns ``out``.
 
     ``gate [B, N]`` is the zero-valued straight-through gate ``p - sg(p)`` that carries the router's gradient;
-    ``mask [B, N]`` False marks padding no token attends to.
+    ``mask [B, N]`` False marks padding no token attends to; ``rope`` the rotary code ``(cos, sin)``, each
+    ``[B, 1, N, head_dim]``: a query turns by its own position, a key by its token's.
     """
     image, position = chosen.nonzero(as_tuple=True)  # image-major, so each image's tokens are contiguous
     if image.numel() == 0:
@@ -58,6 +67,10 @@ def block_on_tokens(
     heads, head = attn.heads, dim // attn.heads
     q = F.linear(queries, attn.qkv.weight[:dim], attn.qkv.bias[:dim]).view(images.numel(), width, heads, head).transpose(1, 2)
     kv = F.linear(context, attn.qkv.weight[dim:], attn.qkv.bias[dim:]).view(images.numel(), -1, 2, heads, head).permute(2, 0, 3, 1, 4)
+    if rope is not None:
+        query_rope = [r.new_zeros(images.numel(), width, r.shape[-1]).index_put((row, slot), r[image, 0, position])[:, None] for r in rope]
+        q = rotate(q, *query_rope)
+        kv = torch.stack([rotate(kv[0], *(r.index_select(0, images) for r in rope)), kv[1]])
     keys = None if mask is None else mask.index_select(0, images)[:, None, None, :]
     attended = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=keys, dropout_p=attn.dropout if attn.training else 0.0)
     attended = attn.proj(attended.transpose(1, 2).reshape(images.numel(), width, dim))[row, slot]  # [T, dim]

@@ -55,7 +55,16 @@ def check_model(cfg) -> None:
         raise ConfigError(
             f"model.moa.layers={sorted(moa)} must name blocks below model.depth whose FFN is dense (not in model.moe_layers={list(model.moe_layers)})."
         )
+    depth_layers = list(model.get("depth_layers") or [])
+    if len(depth_layers) > 1 or any(not 0 <= i < model.depth for i in depth_layers):
+        raise ConfigError(f"model.depth_layers={depth_layers} must name at most one block below model.depth={model.depth} (one pool routed over depth).")
+    if set(depth_layers) & (set(model.moe_layers) | moa):
+        raise ConfigError(
+            f"model.depth_layers={depth_layers} replaces a whole block, so it cannot also be in model.moe_layers or model.moa.layers; route that block one way."
+        )
     shape = model.get("shape") or {}
+    if depth_layers and any(shape.get(key) for key in ("heads", "ffn_hidden", "experts")):
+        raise ConfigError("model.shape (a pruned model) with model.depth_layers: pruning does not reach a pool routed over depth; drop one of them.")
     for key in ("heads", "ffn_hidden", "experts"):
         values = list(shape.get(key) or [])
         if values and len(values) != model.depth:

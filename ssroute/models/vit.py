@@ -36,11 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssroute.errors import ConfigError
-from ssroute.layers.block import TransformerBlock
+from ssroute.layers.block import TransformerBlock, init_weights
 from ssroute.layers.mlp import FeedForward
 from ssroute.layers.patch_embed import PatchEmbed
 from ssroute.layers.rope import AxialRope
 from ssroute.models.aux import ForwardAux, router_aux_loss
+from ssroute.models.depth_router import DepthRoutedStack
 from ssroute.models.registry import check_model, register_model
 from ssroute.patches.base import Patches, PatchSelector
 
@@ -86,6 +87,8 @@ class ViT(nn.Module):
         attention: ``softmax`` or ``relu`` attention in every block.
         attn_factory: ``layer index -> attention module or None`` (None: the block's own multi-head attention);
             a mixture of attention heads goes in here.
+        block_factory: ``layer index -> module or None`` that takes that block's place (None: a transformer block);
+            a :class:`~ssroute.models.depth_router.DepthRoutedStack` (routing over depth inside a stack) goes in here.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class ViT(nn.Module):
         position_width: int | None = None,
         attention: str = "softmax",
         attn_factory: Callable[[int], nn.Module | None] | None = None,
+        block_factory: Callable[[int], nn.Module | None] | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -127,7 +131,11 @@ class ViT(nn.Module):
                 TransformerBlock(dim, block_heads[i], ffn_factory(i), dropout, head_dim, attention, attn_of(i)) for i in range(depth)
             )
             self.norm = nn.LayerNorm(dim)
-            self.apply(_init_weights)
+            self.apply(init_weights)
+        for i in range(depth):  # after the ViT's init, so a replacement keeps its own (a depth router's step prior)
+            replacement = block_factory(i) if block_factory is not None else None
+            if replacement is not None:
+                self.blocks[i] = replacement
 
     @property
     def depth(self) -> int:
@@ -174,7 +182,13 @@ class ViT(nn.Module):
     def _run(self, x: torch.Tensor, blocks, first: int, aux: ForwardAux) -> torch.Tensor:
         rope = None if self.rope is None else self.rope(aux.patches.centres)
         for index, block in enumerate(blocks, start=first):
-            x, routing = block(x, aux.patches.mask, rope)
+            if getattr(block, "routes_over_depth", False):  # a pool of blocks routed over depth (DepthRoutedStack)
+                x, aux.depth = block(x, aux.patches.mask, aux.patches.pool_weights, rope=rope)
+                if aux.depth.ponder_loss is not None and torch.is_grad_enabled():  # not from a frozen stage
+                    aux.losses["depth_ponder"] = aux.depth.ponder_loss
+                routing = None
+            else:
+                x, routing = block(x, aux.patches.mask, rope)
             if routing is not None:
                 aux.routings[index] = routing
             if aux.block_tokens is not None:
@@ -204,16 +218,6 @@ class ViT(nn.Module):
         return torch.einsum("bnd,bn->bd", tokens, weights)
 
 
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 @register_model("vit")
 def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | None) -> ViT:
     """The ``model=vit`` backbone of a run config: MoE FFNs in the blocks ``model.moe_layers`` (or the stack's route blocks)."""
@@ -236,6 +240,33 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
 
         head_dim = moa.get("head_dim") or model.dim // model.heads
         return build_attention_heads(model.dim, moa.get("heads", 8), moa.get("k", 2), head_dim, model.get("attention", "softmax"), model.dropout)
+
+    depth_layers, depth = set(model.get("depth_layers") or []), model.depth_router
+
+    def routed_over_depth(layer: int) -> nn.Module | None:
+        if layer not in depth_layers:
+            return None
+        pool = depth.pool_blocks or model.ssl_layers
+        return DepthRoutedStack(
+            model.dim,
+            model.heads,
+            pool_blocks=pool,
+            identity_blocks=depth.identity_blocks,
+            max_steps=depth.max_steps or pool,
+            mlp_ratio=model.mlp_ratio,
+            activation=model.activation,
+            dropout=model.dropout,
+            halting=depth.halting,
+            halt_epsilon=depth.halt_epsilon,
+            ponder_weight=depth.ponder_weight,
+            stop_on_identity=depth.stop_on_identity,
+            sample=depth.sample,
+            order_prior=depth.order_prior,
+            per_token=depth.per_token,
+            kind=depth.kind,
+            step_input=depth.step_input,
+            router_hidden=depth.router_hidden,
+        )
 
     def ffn(layer: int) -> nn.Module:
         if layer not in moe_layers:
@@ -275,4 +306,5 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
         position_width=shape.get("position_width"),
         attention=model.get("attention", "softmax"),
         attn_factory=attn,
+        block_factory=routed_over_depth,
     )

@@ -1,5 +1,8 @@
 """``model=vit_depth``: a ViT whose blocks are one :class:`~ssroute.models.depth_router.DepthRoutedStack`.
 
+(A pool routed over depth can also take one block's place inside a stack,
+``model.stack=[ssl,depth,ssl]``: ``ssroute.models.vit``.)
+
 Patch embedding (any patch selector) -> up to ``max_steps`` routed steps over a
 shared pool of blocks and identities -> final LayerNorm and mean pool. The pool
 lives in ``stack.blocks``; ``blocks`` is empty, so there are no stages to train
@@ -39,6 +42,7 @@ class DepthRoutedViT(ViT):
         dropout: attention dropout.
         selector: which patches become tokens (``ssroute.patches``); None = the grid.
         stem: ``patch`` or ``conv`` (``ssroute.layers.patch_embed``).
+        position: ``absolute`` (a code added to the tokens) or ``rope`` (rotary positions in every pool block's attention).
         **routing: :class:`DepthRoutedStack` options (pool_blocks, identity_blocks, max_steps, halting, ...).
     """
 
@@ -54,9 +58,12 @@ class DepthRoutedViT(ViT):
         dropout: float = 0.0,
         selector: PatchSelector | None = None,
         stem: str = "patch",
+        position: str = "absolute",
         **routing,
     ) -> None:
-        super().__init__(image_size, channels, dim, 0, heads, patch_size, mlp_ratio, activation, dropout, selector=selector, stem=stem)
+        super().__init__(
+            image_size, channels, dim, 0, heads, patch_size, mlp_ratio, activation, dropout, selector=selector, stem=stem, position=position
+        )
         self.stack = DepthRoutedStack(dim, heads, mlp_ratio=mlp_ratio, activation=activation, dropout=dropout, **routing)
 
     def forward(
@@ -68,7 +75,8 @@ class DepthRoutedViT(ViT):
             raise ValueError("model=vit_depth shares its pool blocks across steps: it has no frozen prefix or segments to train apart")
         patches = self.embed(images)
         outputs: list[Tensor] | None = [] if keep_blocks else None
-        x, trace = self.stack(patches.tokens, patches.mask, patches.pool_weights, steps=end, outputs=outputs)
+        rope = None if self.rope is None else self.rope(patches.centres)
+        x, trace = self.stack(patches.tokens, patches.mask, patches.pool_weights, steps=end, outputs=outputs, rope=rope)
         aux = ForwardAux(patches=patches, tokens=x, block_tokens=outputs, depth=trace)
         if trace.ponder_loss is not None and torch.is_grad_enabled():
             aux.losses["depth_ponder"] = trace.ponder_loss
@@ -81,18 +89,16 @@ class DepthRoutedViT(ViT):
 def build_depth_routed_vit(cfg, image_size: int, channels: int, selector: PatchSelector | None = None) -> DepthRoutedViT:
     """The ``model=vit_depth`` backbone of run config ``cfg``; refuses what routing over depth does not support."""
     model, depth = cfg.model, cfg.model.depth_router
-    if model.moe_layers or model.stack:
+    if model.moe_layers or model.stack or model.get("depth_layers"):
         raise ConfigError(
-            "model=vit_depth routes whole blocks over depth and has no MoE FFN or stack; drop model.moe_layers and model.stack."
-        )
-    if model.get("position", "absolute") != "absolute":
-        raise ConfigError(
-            f"model=vit_depth adds positions to the tokens (model.position=absolute); its routed steps do not take rotary positions (got {model.position})."
+            "model=vit_depth routes every block over depth and has no MoE FFN or stack; drop model.moe_layers and model.stack, "
+            "or put a pool routed over depth inside a stack with model=ssl_route_ssl model.stack=[ssl,depth,ssl]."
         )
     schedule = cfg.get("schedule")
     if schedule is not None and schedule.name != "end_to_end":
         raise ConfigError(
-            f"model=vit_depth needs schedule=end_to_end (got {schedule.name}): its pool blocks are shared by every step, so there are no stages."
+            f"model=vit_depth needs schedule=end_to_end (got {schedule.name}): its pool is one stage shared by every step; "
+            "for layerwise training put the pool in a stack (model.stack=[ssl,depth,ssl])."
         )
     return DepthRoutedViT(
         image_size=image_size,
@@ -105,6 +111,7 @@ def build_depth_routed_vit(cfg, image_size: int, channels: int, selector: PatchS
         dropout=model.dropout,
         selector=selector,
         stem=model.get("stem", "patch"),
+        position=model.get("position", "absolute"),
         pool_blocks=depth.pool_blocks or model.depth,
         identity_blocks=depth.identity_blocks,
         max_steps=depth.max_steps or model.depth,

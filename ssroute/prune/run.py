@@ -55,6 +55,11 @@ def load_run(path: str, data) -> tuple[nn.Module, nn.Module | None, dict[str, An
         raise ConfigError(
             f"checkpoint {file} is a model={config['model']['name']} run; structured pruning supports model=vit backbones only."
         )
+    if config["model"].get("depth_layers"):
+        raise ConfigError(
+            f"checkpoint {file} has a pool routed over depth (model.depth_layers={config['model']['depth_layers']}); "
+            "structured pruning supports transformer blocks only: prune a run without a depth stage."
+        )
     backbone_state = state_under(checkpoint["state_dict"], "backbone.")
     cfg = backbone_config(config)
     check_data_fits(cfg.data.name, data, backbone_state, cfg.model.patch_size)

@@ -69,9 +69,10 @@ class ResumableModule(pl.LightningModule):
         if values:
             self.log_dict(values)
         if aux.depth is not None:
+            from ssroute.models.depth_router import depth_stack
             from ssroute.models.depth_stats import DepthStats
 
-            stack = self.backbone.stack
+            stack = depth_stack(self.backbone)
             stats = DepthStats(stack.max_steps, stack.num_choices, stack.num_blocks)
             stats.add(aux.depth.picks, aux.depth.halted_at, aux.depth.ponder)
             self.log_dict(stats.summary(stack.names, order=False))

@@ -180,7 +180,8 @@ def finish_run(
 def supported(protocols, data, backbone) -> list[str]:
     """Of ``protocols``, those the data (labels) and the model (routing, routing over depth) support."""
     from ssroute.eval.evaluation import LABELLED, ROUTING
+    from ssroute.models.depth_router import depth_stack
     from ssroute.moe import moe_layers
 
-    labelled, routed, depth = data.labeled and data.test is not None, bool(moe_layers(backbone)), hasattr(backbone, "stack")
+    labelled, routed, depth = data.labeled and data.test is not None, bool(moe_layers(backbone)), depth_stack(backbone) is not None
     return [p for p in protocols if (p not in LABELLED or labelled) and (p not in ROUTING or routed) and (p != "depth" or depth)]

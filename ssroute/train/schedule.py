@@ -2,8 +2,10 @@
 
 A stack ``[ssl, route, ssl]`` is a list of *stages*; each stage is a run of
 transformer blocks: ``ssl`` is ``model.ssl_layers`` dense blocks, ``route`` one
-block whose FFN is an MoE layer, and ``dense`` one dense block in the same place
-(the equal-active-parameter baseline of a ``route`` block). ``layerwise`` trains stage 1 on
+block whose FFN is an MoE layer, ``dense`` one dense block in the same place
+(the equal-active-parameter baseline of a ``route`` block), and ``depth`` a pool
+of blocks and identities that each image (or token) routes through over depth
+(``model.depth_router``, ``ssroute.models.depth_router``), in one block's place. ``layerwise`` trains stage 1 on
 images with its own SSL head, then stage 2 on the frozen outputs of stage 1,
 and so on, ``epochs_per_block`` epochs each — the notes' "SS layers are trained
 sequentially: first on images, then on the outputs of the first SS layer" (and
@@ -27,7 +29,7 @@ from torch import nn
 from ssroute.errors import ConfigError
 
 SCHEDULES = ("end_to_end", "layerwise", "layerwise_then_joint")
-BLOCK_KINDS = ("ssl", "route", "dense")
+BLOCK_KINDS = ("ssl", "route", "dense", "depth")
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def stage_ranges(model) -> list[tuple[int, int]]:
 
 
 def resolve_stack(cfg) -> None:
-    """Turn ``model.stack`` into ``model.depth`` / ``model.moe_layers`` and the schedule into epochs, in place."""
+    """Turn ``model.stack`` into ``model.depth`` / ``model.moe_layers`` / ``model.depth_layers`` and the schedule into epochs, in place."""
     resolve_stack_model(cfg.model)
     stages = len(stage_ranges(cfg.model))
     total = cfg.trainer.max_epochs
@@ -111,17 +113,21 @@ def resolve_stack(cfg) -> None:
 
 
 def resolve_stack_model(model) -> None:
-    """Turn ``model.stack`` into ``model.depth`` / ``model.moe_layers`` in place (a model trained from scratch
-    has the same blocks as the stack pretraining builds)."""
+    """Turn ``model.stack`` into ``model.depth`` / ``model.moe_layers`` / ``model.depth_layers`` in place (a model
+    trained from scratch has the same blocks as the stack pretraining builds)."""
     if model.stack:
         unknown = [kind for kind in model.stack if kind not in BLOCK_KINDS]
         if unknown:
             raise ConfigError(f"model.stack={list(model.stack)} has unknown block kinds {unknown}; use {', '.join(BLOCK_KINDS)}.")
         ranges = stage_ranges(model)
-        routed = [start for (start, _), kind in zip(ranges, model.stack, strict=True) if kind == "route"]
-        if model.moe_layers and list(model.moe_layers) != routed:
-            raise ConfigError(f"model.moe_layers={list(model.moe_layers)} contradicts model.stack={list(model.stack)}; set only model.stack.")
+        of_kind = lambda wanted: [start for (start, _), kind in zip(ranges, model.stack, strict=True) if kind == wanted]  # noqa: E731
+        routed, depth_routed = of_kind("route"), of_kind("depth")
+        for key, blocks in (("moe_layers", routed), ("depth_layers", depth_routed)):
+            if list(model.get(key) or []) not in ([], blocks):
+                raise ConfigError(f"model.{key}={list(model[key])} contradicts model.stack={list(model.stack)}; set only model.stack.")
         model.depth, model.moe_layers = ranges[-1][1], routed
+        if depth_routed or "depth_layers" in model:  # configs written before depth stages have no such key
+            model.depth_layers = depth_routed
 
 
 def freeze_stages(backbone: nn.Module, stages: list[tuple[int, int]], first_trainable: int, last_trainable: int | None = None) -> None:

@@ -80,12 +80,13 @@ def upcycle_checkpoint(
     model = config["model"]
     hidden = int(model["mlp_ratio"] * model["dim"])
     check_divisible(hidden, num_experts)
-    layers = list(range(model["depth"])) if layers is None else sorted(int(i) for i in layers)
-    routed_already = set(model.get("moe_layers") or [])
-    bad = [i for i in layers if not 0 <= i < model["depth"] or i in routed_already]
+    routed_already, over_depth = set(model.get("moe_layers") or []), set(model.get("depth_layers") or [])
+    layers = [i for i in range(model["depth"]) if i not in over_depth] if layers is None else sorted(int(i) for i in layers)
+    bad = [i for i in layers if not 0 <= i < model["depth"] or i in routed_already | over_depth]
     if bad:
         raise ConfigError(
-            f"layers={bad} are not dense FFN blocks of this checkpoint (depth {model['depth']}, MoE blocks {sorted(routed_already)}); choose dense block indices."
+            f"layers={bad} are not dense FFN blocks of this checkpoint (depth {model['depth']}, MoE blocks {sorted(routed_already)}, "
+            f"blocks routed over depth {sorted(over_depth)}); choose dense block indices."
         )
     k = max(1, num_experts // 2) if k is None else int(k)
     data = build_data(OmegaConf.create(config["data"]), seed)
