@@ -19,7 +19,6 @@ patch mask on the keys, and the outputs are scattered back with ``index_put``.
 
 >>> import torch
 >>> from ssroute.layers.block import TransformerBlock
-from ssroute.layers.rope import rotate
 >>> from ssroute.layers.mlp import FeedForward
 >>> block = TransformerBlock(dim=8, heads=2, ffn=FeedForward(8, 16))
 >>> x = torch.randn(2, 5, 8)
