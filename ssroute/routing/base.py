@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ssroute.errors import ConfigError
 from ssroute.registry import Registry, check_options
 from ssroute.routing.capacity import bucket_positions
-from ssroute.routing.random_share import with_random_share
+from ssroute.routing.random_share import random_experts
 
 
 @dataclass
@@ -151,6 +151,28 @@ class Routing:
         return dispatch, combine
 
 
+    def with_random_share(
+        self, fraction: float, k: int, seed: int = 0, per_token: bool = True, generator: torch.Generator | None = None
+    ) -> Routing:
+        """This routing with a Bernoulli(``fraction``) share of its tokens (of its groups when not ``per_token``) re-routed
+        to ``k`` random experts of weight ``1 / k`` (:mod:`ssroute.routing.random_share`); itself when ``fraction`` is 0.
+        The share is drawn from ``generator`` (a CPU generator) when given, else from torch's global stream on the device."""
+        if fraction <= 0:
+            return self
+        device = self.probs.device
+        size = 1 if per_token else self.tokens_per_group
+        units = self.num_tokens // size
+        draw = torch.rand(units, generator=generator).to(device) if generator is not None else torch.rand(units, device=device)
+        chosen = (draw < fraction).repeat_interleave(size)  # [tokens]; rand < 1 always holds
+        keep = (~chosen.index_select(0, self.token)).nonzero().squeeze(1)
+        experts = random_experts(units, self.num_experts, k, seed, device).repeat_interleave(size, dim=0)  # [tokens, k]
+        picked = chosen.nonzero().squeeze(1)
+        token = torch.cat([self.token.index_select(0, keep), picked.repeat_interleave(k)])
+        expert = torch.cat([self.expert.index_select(0, keep), experts.index_select(0, picked).reshape(-1)])
+        weight = torch.cat([self.weight.index_select(0, keep), self.weight.new_full((picked.numel() * k,), 1.0 / k)])
+        num_dropped = self.num_tokens - (torch.bincount(token, minlength=self.num_tokens) > 0).sum()
+        return replace(self, token=token, expert=expert, weight=weight, num_dropped=num_dropped, capacity=None)
+
 def sparse_routing(
     probs: Tensor,
     token: Tensor,
@@ -210,7 +232,7 @@ class Router(nn.Module):
             nominal = self.experts_per_token(routing.tokens_per_group)
             k = int(nominal) if nominal is not None and nominal == int(nominal) and nominal >= 1 else 1
             fixed = None if self.training else torch.Generator().manual_seed(0)  # evaluation: the same share on every call
-            routing = with_random_share(routing, self.random_fraction, min(k, self.num_experts), per_token=self.per_token, generator=fixed)
+            routing = routing.with_random_share(self.random_fraction, min(k, self.num_experts), per_token=self.per_token, generator=fixed)
         return routing
 
     def set_random_fraction(self, fraction: float) -> None:
