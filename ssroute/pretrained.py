@@ -121,7 +121,7 @@ def load(path: str | Path) -> PretrainedBackbone:
     from omegaconf import OmegaConf
 
     from ssroute.checkpoint import load_backbone_state, read_checkpoint, resolve_checkpoint
-    from ssroute.export.folder import check_export_weights, is_export, read_export
+    from ssroute.export_folder import check_export_weights, is_export, read_export
     from ssroute.models import build_backbone
 
     if is_export(path):

@@ -1,7 +1,7 @@
 """``python -m ssroute.export checkpoint=RUN out=DIR [format=hub|timm] [push_to_hub=REPO]``: share a pretrained backbone.
 
 - ``format=hub`` (default): the Hugging Face Hub model layout of
-  :mod:`ssroute.export.folder` — ``config.json``, ``model.safetensors``, and
+  :mod:`ssroute.export_folder` — ``config.json``, ``model.safetensors``, and
   ``README.md``, a model card with the run's metrics, routing, data and budget
   (:mod:`ssroute.export.card`), with the run's ``eval/plots`` copied into
   ``plots/``. ``ssroute.load(DIR)`` reads it without Lightning or Hydra.
@@ -79,8 +79,8 @@ def export_checkpoint(checkpoint: str, out: str, format: str = "hub", push_to_hu
     checked here (huggingface_hub installed) so that the command refuses before writing; :func:`upload` uploads."""
     from ssroute.checkpoint import resolve_checkpoint, run_dir_of
     from ssroute.export.card import render_card
-    from ssroute.export.folder import export_config, weights_of, write_export
     from ssroute.export.timm_vit import check_timm_compatible, timm_architecture, write_timm
+    from ssroute.export_folder import export_config, weights_of, write_export
     from ssroute.io import atomic_folder
     from ssroute.pretrained import load
 
