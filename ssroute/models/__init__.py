@@ -5,8 +5,7 @@ builds the one a run config names (registry: :data:`MODELS`).
 """
 
 from ssroute.models import vit, vit_depth  # noqa: F401  (registration)
-from ssroute.models.aux import ForwardAux
 from ssroute.models.registry import MODELS, build_backbone, build_selector, register_model
-from ssroute.models.vit import ViT
+from ssroute.models.vit import ForwardAux, ViT
 
 __all__ = ["MODELS", "ForwardAux", "ViT", "build_backbone", "build_selector", "register_model"]

@@ -7,8 +7,11 @@ so an MoE layer can replace any block's FFN and blocks can be trained one at a t
 One forward serves every use: ``vit(images, end=b, frozen_below=a)`` runs the
 blocks ``[0, b)``, those below ``a`` (and the patch embedding with them) without
 autograd, and returns ``(features, aux)`` — the pooled features and a
-:class:`~ssroute.models.aux.ForwardAux` with each routed block's routing, the
-patches and the auxiliary losses. The pool uses the final LayerNorm only after
+:class:`ForwardAux` with each routed block's routing, the
+patches and the auxiliary losses. Modules keep no per-step state for a training
+loop to read back (as google-research/vmoe's routers return ``(dispatcher,
+metrics)``): everything a loss, a log line or a metric needs from inside the
+network is in ``aux``. The pool uses the final LayerNorm only after
 the last block; a forward that stops earlier pools through a LayerNorm without
 learned scale, so a layerwise stage never trains (or depends on) the norm of a
 later one. ``segment`` substitutes the modules of the blocks ``[a, b)`` — what
@@ -30,20 +33,57 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ssroute.errors import ConfigError
 from ssroute.layers.block import TransformerBlock, init_weights
 from ssroute.layers.mlp import FeedForward
 from ssroute.layers.patch_embed import PatchEmbed
 from ssroute.layers.rope import AxialRope
-from ssroute.models.aux import ForwardAux, router_aux_loss
-from ssroute.models.depth_router import DepthRoutedStack
+from ssroute.models.depth_router import DepthRoutedStack, DepthTrace
 from ssroute.models.registry import check_model, register_model
 from ssroute.patches.base import Patches, PatchSelector
+from ssroute.routing import Routing
+
+
+@dataclass
+class ForwardAux:
+    """Everything a backbone forward computed besides the features.
+
+    Attributes:
+        routings: block index -> the routing of that block's MoE layer over the
+            ``batch * tokens`` flat tokens (image by image).
+        patches: the tokens' patches: centres ``[batch, tokens, 2]`` in view
+            pixels, and for a halting selector the mask, pool weights and ponder cost.
+        losses: auxiliary losses by name, each a scalar that joins the training
+            loss: ``router_aux`` (the trainable MoE layers' balance and z losses),
+            ``ponder`` (sequential patch selection), ``depth_ponder`` (ACT over depth).
+        tokens: ``[batch, tokens, dim]`` after the last block that ran (before the pool's norm).
+        block_tokens: ``[batch, tokens, dim]`` after each block that ran, when asked for.
+        depth: routing over depth only (``model=vit_depth``, or a ``depth`` stage of a
+            stack): this forward's choices (:class:`~ssroute.models.depth_router.DepthTrace`).
+    """
+
+    routings: dict[int, Routing] = field(default_factory=dict)
+    patches: Patches | None = None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    tokens: Tensor | None = None
+    block_tokens: list[Tensor] | None = None
+    depth: DepthTrace | None = None
+
+    def rows_per_token(self) -> dict[int, float]:
+        """Expert rows computed per token by each routed block in this forward (its measured k)."""
+        return {i: r.token.numel() / max(r.num_tokens, 1) for i, r in self.routings.items() if not r.is_soft}
+
+
+def router_aux_loss(routings: dict[int, Routing], trainable_from: int = 0) -> dict[str, Tensor]:
+    """``{"router_aux": sum of aux_loss}`` over the routed blocks at or after ``trainable_from`` ({} if none)."""
+    losses = [r.aux_loss.float() for i, r in routings.items() if i >= trainable_from]
+    return {"router_aux": torch.stack(losses).sum()} if losses else {}
 
 
 class Segment(nn.Module):

@@ -21,10 +21,9 @@ import torch
 from torch import Tensor
 
 from ssroute.errors import ConfigError
-from ssroute.models.aux import ForwardAux
 from ssroute.models.depth_router import DepthRoutedStack
 from ssroute.models.registry import register_model
-from ssroute.models.vit import ViT
+from ssroute.models.vit import ForwardAux, ViT
 from ssroute.patches.base import PatchSelector
 
 

@@ -53,7 +53,7 @@ class ResumableModule(pl.LightningModule):
 
     def log_routing(self, aux) -> None:
         """Per-expert load share and dropped-token share of every routed block of this step's forward
-        (``aux``: a :class:`~ssroute.models.aux.ForwardAux`), and the ``depth/*`` statistics of routing over depth.
+        (``aux``: a :class:`~ssroute.models.vit.ForwardAux`), and the ``depth/*`` statistics of routing over depth.
 
         Only on the steps whose metrics Lightning writes (every ``trainer.log_every_n_steps``): gathering a
         value per expert costs about as much as the MoE layer's own routing on small models.
