@@ -302,6 +302,26 @@ class DepthRoutedStack(nn.Module):
         return x
 
 
+def depth_router_options(depth) -> dict:
+    """The routing options of a ``model.depth_router`` config as :class:`DepthRoutedStack` keyword arguments (pool size and steps apart).
+
+    Configs written before ``per_token``, ``kind``, ``step_input`` and ``router_hidden`` existed get their defaults.
+    """
+    return dict(
+        identity_blocks=depth.identity_blocks,
+        halting=depth.halting,
+        halt_epsilon=depth.halt_epsilon,
+        ponder_weight=depth.ponder_weight,
+        stop_on_identity=depth.stop_on_identity,
+        sample=depth.sample,
+        order_prior=depth.order_prior,
+        per_token=depth.get("per_token", False),
+        kind=depth.get("kind", "linear"),
+        step_input=depth.get("step_input", "embedding"),
+        router_hidden=depth.get("router_hidden"),
+    )
+
+
 def depth_stack(backbone: nn.Module) -> DepthRoutedStack | None:
     """The backbone's pool routed over depth: ``model=vit_depth``'s stack, or a ``depth`` stage of a ViT stack; None if neither."""
     stack = getattr(backbone, "stack", None)

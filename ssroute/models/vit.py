@@ -44,7 +44,7 @@ from ssroute.layers.block import TransformerBlock, init_weights
 from ssroute.layers.mlp import FeedForward
 from ssroute.layers.patch_embed import PatchEmbed
 from ssroute.layers.rope import AxialRope
-from ssroute.models.depth_router import DepthRoutedStack, DepthTrace
+from ssroute.models.depth_router import DepthRoutedStack, DepthTrace, depth_router_options
 from ssroute.models.registry import check_model, register_model
 from ssroute.patches.base import Patches, PatchSelector
 from ssroute.routing import Routing
@@ -236,7 +236,11 @@ class ViT(nn.Module):
         return x
 
     def encode(
-        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None, centres: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        centres: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Embedded tokens ``[batch, tokens, dim]`` through every block and the pool; ``mask`` False = padding;
         ``centres [batch, tokens, 2]`` the patches' centres (rotary positions; None = all at the origin)."""
@@ -256,6 +260,20 @@ class ViT(nn.Module):
         if weights is None:
             return tokens.mean(dim=1)
         return torch.einsum("bnd,bn->bd", tokens, weights)
+
+
+def token_options(model) -> dict:
+    """The options of a ``model`` config every ViT shares (width, heads, patching, FFN ratio, position code) as constructor keywords."""
+    return dict(
+        dim=model.dim,
+        heads=model.heads,
+        patch_size=model.patch_size,
+        mlp_ratio=model.mlp_ratio,
+        activation=model.activation,
+        dropout=model.dropout,
+        stem=model.get("stem", "patch"),
+        position=model.get("position", "absolute"),
+    )
 
 
 @register_model("vit")
@@ -279,7 +297,9 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
         from ssroute.moe.attention_heads import build_attention_heads
 
         head_dim = moa.get("head_dim") or model.dim // model.heads
-        return build_attention_heads(model.dim, moa.get("heads", 8), moa.get("k", 2), head_dim, model.get("attention", "softmax"), model.dropout)
+        return build_attention_heads(
+            model.dim, moa.get("heads", 8), moa.get("k", 2), head_dim, model.get("attention", "softmax"), model.dropout
+        )
 
     depth_layers, depth = set(model.get("depth_layers") or []), model.depth_router
 
@@ -291,21 +311,11 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
             model.dim,
             model.heads,
             pool_blocks=pool,
-            identity_blocks=depth.identity_blocks,
             max_steps=depth.max_steps or pool,
             mlp_ratio=model.mlp_ratio,
             activation=model.activation,
             dropout=model.dropout,
-            halting=depth.halting,
-            halt_epsilon=depth.halt_epsilon,
-            ponder_weight=depth.ponder_weight,
-            stop_on_identity=depth.stop_on_identity,
-            sample=depth.sample,
-            order_prior=depth.order_prior,
-            per_token=depth.per_token,
-            kind=depth.kind,
-            step_input=depth.step_input,
-            router_hidden=depth.router_hidden,
+            **depth_router_options(depth),
         )
 
     def ffn(layer: int) -> nn.Module:
@@ -330,16 +340,9 @@ def build_vit(cfg, image_size: int, channels: int, selector: PatchSelector | Non
         selector=selector,
         image_size=image_size,
         channels=channels,
-        dim=model.dim,
         depth=model.depth,
-        heads=model.heads,
-        patch_size=model.patch_size,
-        mlp_ratio=model.mlp_ratio,
-        activation=model.activation,
-        dropout=model.dropout,
+        **token_options(model),
         ffn_factory=ffn,
-        position=model.get("position", "absolute"),
-        stem=model.get("stem", "patch"),
         head_dim=shape.get("head_dim"),
         block_heads=list(shape["heads"]) if shape.get("heads") else None,
         position_dims=list(shape["position_dims"]) if shape.get("position_dims") else None,

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from ssroute.errors import ConfigError
-from ssroute.models.depth_router import DepthRoutedStack
+from ssroute.models.depth_router import DepthRoutedStack, depth_router_options
 from ssroute.models.registry import register_model
-from ssroute.models.vit import ForwardAux, ViT
+from ssroute.models.vit import ForwardAux, ViT, token_options
 from ssroute.patches.base import PatchSelector
 
 
@@ -102,26 +102,9 @@ def build_depth_routed_vit(cfg, image_size: int, channels: int, selector: PatchS
     return DepthRoutedViT(
         image_size=image_size,
         channels=channels,
-        dim=model.dim,
-        heads=model.heads,
-        patch_size=model.patch_size,
-        mlp_ratio=model.mlp_ratio,
-        activation=model.activation,
-        dropout=model.dropout,
         selector=selector,
-        stem=model.get("stem", "patch"),
-        position=model.get("position", "absolute"),
+        **token_options(model),
         pool_blocks=depth.pool_blocks or model.depth,
-        identity_blocks=depth.identity_blocks,
         max_steps=depth.max_steps or model.depth,
-        halting=depth.halting,
-        halt_epsilon=depth.halt_epsilon,
-        ponder_weight=depth.ponder_weight,
-        stop_on_identity=depth.stop_on_identity,
-        sample=depth.sample,
-        order_prior=depth.order_prior,
-        per_token=depth.get("per_token", False),
-        kind=depth.get("kind", "linear"),
-        step_input=depth.get("step_input", "embedding"),
-        router_hidden=depth.get("router_hidden"),
+        **depth_router_options(depth),
     )

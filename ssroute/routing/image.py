@@ -67,20 +67,6 @@ class ImageRouter(NoisyTopKRouter):
 
     per_token = False
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        k: int = 1,
-        noise_std: float | None = None,
-        importance_weight: float = 0.005,
-        load_weight: float = 0.005,
-        z_loss_weight: float = 0.0,
-        normalize_weights: bool = False,
-        cosine_scale: float | None = None,
-    ) -> None:
-        super().__init__(dim, num_experts, k, noise_std, importance_weight, load_weight, z_loss_weight, normalize_weights, cosine_scale)
-
     def flops_per_token(self, tokens_per_group: int) -> float:
         # the mean pool adds each token once; the gate runs once per image, shared by its tokens
         return float(self.dim) + 2.0 * self.dim * self.num_experts / tokens_per_group
