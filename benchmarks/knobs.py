@@ -10,7 +10,8 @@ equal to the default is not rerun, and knobs that do not apply to the default
 stack) say so and are skipped. ``python -m ssroute.sweep_table`` turns each
 multirun into its per-run table (``<sweep>/sweep.{csv,md}``); this script then
 pairs every setting's seeds with the default's and writes the effect table:
-per setting and metric (linear probe, kNN, routing agreement, images/s) the
+per setting and metric (linear probe, kNN, routing agreement, the share of
+routing decisions predicted by patch position alone, images/s) the
 mean over seeds of ``setting - default`` with its seed spread (min and max of
 the per-seed differences), sorted by the size of the linear-probe effect.
 
@@ -50,7 +51,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
-METRICS = [("linear_top1", "linear"), ("knn_top1", "kNN"), ("routing_agreement", "agreement"), ("images_per_s", "images/s")]
+METRICS = [
+    ("linear_top1", "linear"),
+    ("knn_top1", "kNN"),
+    ("routing_agreement", "agreement"),
+    ("routing_position_majority", "by position"),  # share of routing decisions the patch position alone predicts
+    ("images_per_s", "images/s"),
+]
 
 
 @dataclass
@@ -209,6 +216,9 @@ def lanes(jobs: int) -> queue.Queue[list[int]]:
     return free
 
 
+RAN: list[str] = []  # the multiruns this call ran (the others were finished by an earlier call and reused)
+
+
 def multirun(folder: Path, sweep: list[str], args: argparse.Namespace, free: queue.Queue[list[int]] | None = None) -> Path:
     """Run (or reuse) the multirun of ``sweep`` in ``folder`` and tabulate it with ``python -m ssroute.sweep_table``.
 
@@ -217,6 +227,7 @@ def multirun(folder: Path, sweep: list[str], args: argparse.Namespace, free: que
     """
     finished = len(list(folder.glob("*/metrics.json"))) if folder.is_dir() else 0
     if finished < sweep_size([*budget(args), *_split(sweep)]):
+        RAN.append(folder.name)
         command = [sys.executable, "-m", "pretrain", "-m", *budget(args), *_split(sweep), f"hydra.sweep.dir={folder}"]
         cores = free.get() if free is not None else None
         try:
@@ -252,7 +263,7 @@ def read_table(path: Path) -> dict[tuple[str, ...], dict[str, dict[str, float]]]
         if row["status"] != "done":
             continue
         setting = tuple(f"{c}={row[c]}" for c in knob_columns)
-        values = {m: float(row[m]) for m, _ in METRICS if row.get(m) not in (None, "")}
+        values = {m: float(row[m]) for m in (*(m for m, _ in METRICS), "train_time_s") if row.get(m) not in (None, "")}
         table.setdefault(setting, {})[row.get("seed", "0")] = values
     return table
 
@@ -267,7 +278,10 @@ def effects(default: dict[str, dict[str, float]], setting: dict[str, dict[str, f
 
 
 def markdown(rows: list[dict], baseline: dict[str, dict[str, float]], meta: dict, skipped: dict[str, str]) -> str:
-    lines = ["# Knob impact", "", f"`{meta['command']}` — {meta['budget']}; {meta['machine']}; wall time {meta['wall_time_s']:.0f} s.", ""]
+    timing = f"wall time of this call {meta['wall_time_s']:.0f} s, training time of all runs summed {meta['train_time_s_total']:.0f} s"
+    if meta["multiruns_reused"]:
+        timing += f" ({meta['multiruns_reused']} of {meta['multiruns']} multiruns finished by an earlier call and reused)"
+    lines = ["# Knob impact", "", f"`{meta['command']}` — {meta['budget']}; {meta['machine']}; {timing}.", ""]
     base = {m: statistics.fmean(v[m] for v in baseline.values() if m in v) for m, _ in METRICS if any(m in v for v in baseline.values())}
     shown = {m: (f"{base[m]:.1f}" if m == "images_per_s" else f"{base[m]:.3f}") for m in base}
     lines += ["Default recipe (mean over seeds): " + ", ".join(f"{t} {shown.get(m, '–')}" for m, t in METRICS), ""]
@@ -329,16 +343,32 @@ def main() -> None:
     rows = []
     for knob in measured:
         for setting, seeds in tables[knob.name].items():
-            rows.append({"knob": knob.name, "setting": " ".join(setting), "effects": effects(baseline, seeds), "seeds": seeds})
+            rows.append(
+                {
+                    "knob": knob.name,
+                    "setting": " ".join(setting) or " ".join(knob.sweep),
+                    "effects": effects(baseline, seeds),
+                    "seeds": seeds,
+                }
+            )
     rows.sort(key=lambda r: -abs(r["effects"]["linear_top1"]["mean"]) if r["effects"]["linear_top1"] else 0.0)
     fixed = " ".join(o for o in budget(args) if not o.startswith("seed="))
     meta = {
         "command": "python benchmarks/knobs.py" + (" --quick" if args.quick else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else ""),
         "budget": f"python -m pretrain {fixed}, seeds {args.seeds}, everything else the default recipe",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} run(s) at once"
-        + (f" on {len(os.sched_getaffinity(0)) // args.jobs} CPU(s) and thread(s) each" if args.jobs > 1 and hasattr(os, "sched_getaffinity") else "")
+        + (
+            f" on {len(os.sched_getaffinity(0)) // args.jobs} CPU(s) and thread(s) each"
+            if args.jobs > 1 and hasattr(os, "sched_getaffinity")
+            else ""
+        )
         + ", no GPU",
         "wall_time_s": round(time.time() - start, 1),
+        "train_time_s_total": round(
+            sum(v.get("train_time_s", 0.0) for t in [{(): baseline}, *tables.values()] for s in t.values() for v in s.values()), 1
+        ),
+        "multiruns": 1 + len(measured),
+        "multiruns_reused": 1 + len(measured) - len(RAN),
         "default": {
             "router": recipe["router"],
             "experts": recipe["experts"],

@@ -39,6 +39,7 @@ KEY_METRICS = (
     "routing_agreement",
     "routing_agreement_chance",
     "routing_fluctuation",
+    "routing_position_majority",
     "expert_usage_entropy",
     "dead_experts",
     "train_time_s",
