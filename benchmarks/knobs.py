@@ -216,7 +216,10 @@ def lanes(jobs: int) -> queue.Queue[list[int]]:
     return free
 
 
-RAN: list[str] = []  # the multiruns this call ran (the others were finished by an earlier call and reused)
+def finished(folder: Path, sweep: list[str], args: argparse.Namespace) -> bool:
+    """Whether ``folder`` holds a finished run for every setting of ``sweep`` (an earlier call's, reused)."""
+    done = len(list(folder.glob("*/metrics.json"))) if folder.is_dir() else 0
+    return done >= sweep_size([*budget(args), *_split(sweep)])
 
 
 def multirun(folder: Path, sweep: list[str], args: argparse.Namespace, free: queue.Queue[list[int]] | None = None) -> Path:
@@ -225,9 +228,7 @@ def multirun(folder: Path, sweep: list[str], args: argparse.Namespace, free: que
     With ``free`` (from :func:`lanes`) the multirun takes one set of CPUs for its
     runs, pinned there with one thread per CPU, and gives it back when it ends.
     """
-    finished = len(list(folder.glob("*/metrics.json"))) if folder.is_dir() else 0
-    if finished < sweep_size([*budget(args), *_split(sweep)]):
-        RAN.append(folder.name)
+    if not finished(folder, sweep, args):
         command = [sys.executable, "-m", "pretrain", "-m", *budget(args), *_split(sweep), f"hydra.sweep.dir={folder}"]
         cores = free.get() if free is not None else None
         try:
@@ -335,6 +336,7 @@ def main() -> None:
     measured = [k for k in chosen if k.sweep]
     skipped = {k.name: k.skipped for k in chosen if not k.sweep}
     free = lanes(args.jobs) if args.jobs > 1 else None
+    reused = sum(finished(args.runs / name, sweep, args) for name, sweep in [("default", []), *((k.name, k.sweep) for k in measured)])
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         default_run = pool.submit(multirun, args.runs / "default", [], args, free)
         sweeps = {k.name: pool.submit(multirun, args.runs / k.name, k.sweep, args, free) for k in measured}
@@ -353,6 +355,7 @@ def main() -> None:
             )
     rows.sort(key=lambda r: -abs(r["effects"]["linear_top1"]["mean"]) if r["effects"]["linear_top1"] else 0.0)
     fixed = " ".join(o for o in budget(args) if not o.startswith("seed="))
+    every_setting = [baseline, *(seeds for table in tables.values() for seeds in table.values())]
     meta = {
         "command": "python benchmarks/knobs.py" + (" --quick" if args.quick else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else ""),
         "budget": f"python -m pretrain {fixed}, seeds {args.seeds}, everything else the default recipe",
@@ -364,11 +367,9 @@ def main() -> None:
         )
         + ", no GPU",
         "wall_time_s": round(time.time() - start, 1),
-        "train_time_s_total": round(
-            sum(v.get("train_time_s", 0.0) for t in [{(): baseline}, *tables.values()] for s in t.values() for v in s.values()), 1
-        ),
+        "train_time_s_total": round(sum(run.get("train_time_s", 0.0) for seeds in every_setting for run in seeds.values()), 1),
         "multiruns": 1 + len(measured),
-        "multiruns_reused": 1 + len(measured) - len(RAN),
+        "multiruns_reused": reused,
         "default": {
             "router": recipe["router"],
             "experts": recipe["experts"],

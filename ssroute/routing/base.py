@@ -150,7 +150,6 @@ class Routing:
         combine = combine.index_put(index, self.weight[keep])
         return dispatch, combine
 
-
     def with_random_share(
         self, fraction: float, k: int, seed: int = 0, per_token: bool = True, generator: torch.Generator | None = None
     ) -> Routing:
@@ -172,6 +171,7 @@ class Routing:
         weight = torch.cat([self.weight.index_select(0, keep), self.weight.new_full((picked.numel() * k,), 1.0 / k)])
         num_dropped = self.num_tokens - (torch.bincount(token, minlength=self.num_tokens) > 0).sum()
         return replace(self, token=token, expert=expert, weight=weight, num_dropped=num_dropped, capacity=None)
+
 
 def sparse_routing(
     probs: Tensor,
